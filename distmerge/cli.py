@@ -1,0 +1,126 @@
+"""The `distmerge` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+from distmerge.errors import DistmergeError
+from distmerge.plan import DEFAULT_SHARD_SIZE
+
+EPILOG = """\
+examples:
+  distmerge demo                                 tiny synthetic models, real TIES merge on local Ray
+  distmerge plan merge.yml ./out                 validate and show the plan (reads headers only)
+  distmerge merge merge.yml ./out                merge on a local Ray started on 127.0.0.1
+  distmerge merge merge.yml ./out --address auto --shard-size 10GB
+"""
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="merge tasks run at once (default: CPUs of this machine; on a cluster, the local "
+                        "CPU count unless set)")
+    p.add_argument("--memory-per-worker", metavar="SIZE",
+                   help="working memory one task may use, e.g. 2GiB; bigger tensors are split into row "
+                        "ranges (default: half this machine's memory shared by the workers, at most 8 GiB)")
+    p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
+                   help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
+    if merging:
+        p.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to join: 'auto' (the cluster this machine belongs to) or "
+                            "ray://HOST:10001; default: start a local Ray bound to 127.0.0.1")
+        p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
+                       help="CPU threads (and Ray CPUs) each merge task uses (default: 1)")
+        p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+        p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distmerge",
+        description="Merge large language models (mergekit YAML configs) out of core on Ray, "
+                    "into a sharded safetensors checkpoint.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("merge", help="run a merge", description="Run the merge CONFIG describes and write it to OUT.")
+    p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
+    p.add_argument("out", metavar="OUT", help="output directory for the merged checkpoint")
+    _add_run_options(p, merging=True)
+
+    p = sub.add_parser("plan", help="validate a config and show the merge plan",
+                       description="Read only the inputs' headers; print the work units, bytes to read, "
+                                   "output shards and the largest unit's memory estimate.")
+    p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
+    p.add_argument("out", metavar="OUT", nargs="?", help="output directory (only checked, not written)")
+    _add_run_options(p, merging=False)
+
+    p = sub.add_parser("demo", help="make tiny synthetic models and TIES-merge them on local Ray",
+                       description="Write a synthetic Llama-shaped base model and three fine-tunes, then run "
+                                   "a real TIES merge of them (weights 0.5/0.3/0.2, density 0.5, bf16).")
+    p.add_argument("--out", metavar="DIR", help="where to put models and result (default: a temporary directory)")
+    p.add_argument("--num-workers", type=int, default=2, metavar="N", help="Ray workers (default: 2)")
+    return parser
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from distmerge.merge import merge
+
+    summary = merge(args.config, args.out, address=args.address, num_workers=args.num_workers,
+                    shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
+                    overwrite=args.overwrite, progress=not args.no_progress,
+                    threads_per_worker=args.threads_per_worker)
+    print(summary.format())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from distmerge.io.commit import existing_checkpoint
+    from distmerge.merge import plan
+    from distmerge.plan import format_plan
+
+    merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
+                      num_workers=args.num_workers)
+    print(format_plan(merge_plan))
+    if args.out and existing_checkpoint(args.out):
+        print(f"warning: {args.out} already holds a checkpoint; `distmerge merge` needs --overwrite")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distmerge.merge import merge
+    from distmerge.synthetic import make_models, ties_config
+
+    root = args.out or tempfile.mkdtemp(prefix="distmerge-demo-")
+    print(f"writing synthetic models under {root} ...")
+    paths = make_models(os.path.join(root, "models"))
+    config_path = os.path.join(root, "merge.yml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(ties_config(paths), f, sort_keys=False)
+    print(f"config: {config_path}")
+    summary = merge(config_path, os.path.join(root, "merged"), num_workers=args.num_workers,
+                    overwrite=True, progress=True)
+    print(summary.format())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"merge": _merge, "plan": _plan, "demo": _demo}[args.command](args)
+    except DistmergeError as err:
+        print(f"distmerge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distmerge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Read a mergekit-style YAML merge config into typed, validated objects.
+
+Unlike mergekit, unknown keys are errors (with the key's path), and every value is
+checked before any model is opened. Parameter values follow mergekit's forms: a
+scalar; a list of numbers (a gradient interpolated over the layers); or a list of
+`{filter, value}` conditions, the first whose filter is a substring of the tensor
+name winning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import yaml
+
+from distmerge.errors import ConfigError
+from distmerge.io.dtypes import CONFIG_DTYPES
+from distmerge.methods import METHODS, get_method
+from distmerge.methods.base import MergeMethod, ParameterSpec, ResolvedParams
+
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+UNSUPPORTED_KEYS = {
+    "slices": "layer slices are not supported yet; list whole models under 'models'",
+    "modules": "modules are not supported yet; list whole models under 'models'",
+    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
+    "chat_template": "chat_template is not supported; the base model's template is copied",
+}
+MODEL_KEYS = {"model", "parameters"}
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    ref: str  # as written in the config
+    path: str  # resolved location
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    method: MergeMethod
+    base: Optional[ModelEntry]
+    models: Tuple[ModelEntry, ...]  # the inputs other than the base, in config order
+    parameters: Mapping[str, Any]
+    dtype: Optional[torch.dtype]
+    out_dtype: Optional[torch.dtype]
+    text: str  # the YAML as given, for the model card
+    source: str  # file name (or "<string>") for messages
+
+    @property
+    def inputs(self) -> Tuple[ModelEntry, ...]:
+        return ((self.base,) if self.base else ()) + self.models
+
+
+def _fail(source: str, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {problem}")
+
+
+def _check_keys(source: str, where: str, mapping: Any, allowed: set) -> None:
+    if not isinstance(mapping, dict):
+        raise _fail(source, where or "config", f"must be a mapping, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            if not where and key in UNSUPPORTED_KEYS:
+                raise _fail(source, key, UNSUPPORTED_KEYS[key])
+            close = [a for a in sorted(allowed) if _similar(str(key), a)]
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(allowed))})"
+            raise _fail(source, f"{prefix}{key}", f"unknown key{hint}")
+
+
+def _similar(a: str, b: str) -> bool:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
+
+
+def _parse_dtype(source: str, key: str, value: Any) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.lower() not in CONFIG_DTYPES:
+        raise _fail(source, key, f"unknown dtype {value!r} (valid: bfloat16, float16, float32, float64)")
+    return CONFIG_DTYPES[value.lower()]
+
+
+def _resolve_path(ref: str, config_dir: str) -> str:
+    path = os.path.expanduser(ref)
+    if ref.startswith("file://"):
+        path = ref[len("file://"):]
+    if not os.path.isabs(path):
+        path = os.path.join(config_dir, path)
+    return os.path.normpath(path)
+
+
+def _check_scalar(source: str, key: str, spec: ParameterSpec, value: Any) -> Any:
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise _fail(source, key, f"must be true or false, got {value!r}")
+    elif spec.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(source, key, f"must be a number, got {value!r}")
+        value = float(value)
+    elif spec.type is str:
+        if not isinstance(value, str):
+            raise _fail(source, key, f"must be a string, got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise _fail(source, key, f"must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise _fail(source, key, f"{problem}, got {value!r}")
+    return value
+
+
+def _check_setting(source: str, key: str, spec: ParameterSpec, value: Any) -> None:
+    """Validate a parameter setting in any of mergekit's forms."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            raise _fail(source, key, "must not be an empty list")
+        if all(isinstance(v, dict) for v in value):
+            for i, cond in enumerate(value):
+                _check_keys(source, f"{key}[{i}]", cond, {"filter", "value"})
+                if "value" not in cond:
+                    raise _fail(source, f"{key}[{i}]", "a condition needs a 'value'")
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    raise _fail(source, f"{key}[{i}].filter", "must be a string")
+                _check_setting(source, f"{key}[{i}].value", spec, cond["value"])
+            return
+        if any(isinstance(v, (dict, list)) for v in value):
+            raise _fail(source, key, "a list must hold either numbers (a gradient) or {filter, value} conditions")
+        if spec.type is not float:
+            raise _fail(source, key, "gradients (lists of values) apply to numeric parameters only")
+        for i, v in enumerate(value):
+            _check_scalar(source, f"{key}[{i}]", spec, v)
+        return
+    _check_scalar(source, key, spec, value)
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's rule: conditions by substring filter; numeric lists interpolate over t."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(e, dict) for e in setting):
+        for cond in setting:
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (tensor_name and flt in tensor_name):
+                return evaluate_setting(cond["value"], tensor_name, t)
+        return None
+    if len(setting) == 1:
+        return setting[0]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]
+
+
+def layer_position(tensor_name: str, num_layers: int) -> float:
+    """mergekit's t for gradients: layer / (layers - 1) inside the layer stack, else 0."""
+    match = LAYER_INDEX.search(tensor_name)
+    if not match or num_layers <= 1:
+        return 0.0 if not match else 1.0
+    return int(match.group(1)) / (num_layers - 1)
+
+
+def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
+    """Parse and validate a merge config from a YAML file (or text with is_text=True)."""
+    if is_text:
+        source, text, config_dir = "<config>", path_or_text, os.getcwd()
+    else:
+        source = str(path_or_text)
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+        config_dir = os.path.dirname(os.path.abspath(source))
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    _check_keys(source, "", raw, TOP_LEVEL_KEYS)
+
+    name = raw.get("merge_method")
+    if name is None:
+        raise _fail(source, "merge_method", f"is required (one of: {', '.join(sorted(METHODS))})")
+    if name not in METHODS:
+        raise _fail(source, "merge_method", f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    method = get_method(name)
+    specs = {p.name: p for p in method.parameters}
+
+    global_params = raw.get("parameters") or {}
+    _check_keys(source, "parameters", global_params, set(specs))
+    for key, value in global_params.items():
+        _check_setting(source, f"parameters.{key}", specs[key], value)
+
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise _fail(source, "models", "is required: a list of {model: PATH, parameters: {...}}")
+    base_ref = raw.get("base_model")
+    if base_ref is not None and not isinstance(base_ref, str):
+        raise _fail(source, "base_model", f"must be a path, got {base_ref!r}")
+    if method.uses_base and base_ref is None:
+        raise _fail(source, "base_model", f"is required by merge_method {name}")
+
+    models: List[ModelEntry] = []
+    seen = set()
+    for i, entry in enumerate(models_raw):
+        key = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        _check_keys(source, key, entry, MODEL_KEYS)
+        ref = entry.get("model")
+        if not isinstance(ref, str) or not ref:
+            raise _fail(source, f"{key}.model", "is required: the model's directory")
+        params = entry.get("parameters") or {}
+        _check_keys(source, f"{key}.parameters", params, set(specs))
+        is_base = method.uses_base and ref == base_ref
+        for pkey, value in params.items():
+            if not specs[pkey].per_model:
+                raise _fail(source, f"{key}.parameters.{pkey}",
+                            f"{pkey!r} is a global parameter of {name}; set it under the top-level 'parameters'")
+            if is_base:
+                raise _fail(source, f"{key}.parameters.{pkey}", "the base model takes no parameters")
+            _check_setting(source, f"{key}.parameters.{pkey}", specs[pkey], value)
+        if ref in seen:
+            raise _fail(source, f"{key}.model", f"{ref!r} is listed twice")
+        seen.add(ref)
+        if is_base:
+            continue
+        for spec in method.parameters:
+            if spec.per_model and spec.required and spec.name not in params and spec.name not in global_params:
+                raise _fail(source, f"{key}.parameters.{spec.name}",
+                            f"is required by {name} (set it for this model or under the top-level 'parameters')")
+        models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params))
+    if not models:
+        raise _fail(source, "models", "lists no model to merge besides the base model")
+
+    shared = {s.name: global_params.get(s.name, s.default) for s in method.parameters if not s.per_model}
+    for key, value in shared.items():
+        if isinstance(value, (list, dict)):
+            raise _fail(source, f"parameters.{key}", "global parameters take one value, not a gradient or filter list")
+    problem = method.check_config(shared)
+    if problem:
+        raise _fail(source, "parameters", problem)
+    if shared.get("density_scope") == "model":
+        for i, m in enumerate(models):
+            setting = m.parameters.get("density", global_params.get("density", 1.0))
+            if isinstance(setting, (list, dict)):
+                raise _fail(source, f"models[{i}].parameters.density",
+                            "density_scope: model needs one density per model, not a gradient or filter list")
+
+    if raw.get("tokenizer_source") not in (None, "base"):
+        raise _fail(source, "tokenizer_source",
+                    f"only 'base' is supported (the base model's tokenizer is copied), got {raw['tokenizer_source']!r}")
+    base = ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}) if method.uses_base else None
+    return MergeConfig(
+        method=method,
+        base=base,
+        models=tuple(models),
+        parameters=global_params,
+        dtype=_parse_dtype(source, "dtype", raw.get("dtype")),
+        out_dtype=_parse_dtype(source, "out_dtype", raw.get("out_dtype")),
+        text=text,
+        source=source,
+    )
+
+
+def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -> ResolvedParams:
+    """The parameter values that apply to one tensor (filters and gradients evaluated)."""
+    t = layer_position(tensor_name, num_layers)
+    method = config.method
+    shared: Dict[str, Any] = {}
+    per_model: List[Dict[str, Any]] = [{} for _ in config.models]
+    for spec in method.parameters:
+        if not spec.per_model:
+            shared[spec.name] = config.parameters.get(spec.name, spec.default)
+            continue
+        for i, model in enumerate(config.models):
+            value = None
+            for scope in (model.parameters, config.parameters):
+                if spec.name in scope:
+                    value = evaluate_setting(scope[spec.name], tensor_name, t)
+                    if value is not None:
+                        break
+            if value is None:
+                if spec.required:
+                    raise ConfigError(
+                        f"{config.source}: models[{i}] ({model.ref}): no value of {spec.name!r} "
+                        f"applies to tensor {tensor_name!r} (no filter matched)")
+                value = spec.default
+            per_model[i][spec.name] = float(value) if spec.type is float else value
+            if spec.check is not None and spec.check(per_model[i][spec.name]):
+                raise ConfigError(
+                    f"{config.source}: models[{i}] ({model.ref}): {spec.name} for tensor {tensor_name!r} "
+                    f"{spec.check(per_model[i][spec.name])}, got {value!r}")
+    return ResolvedParams(shared, tuple(per_model))

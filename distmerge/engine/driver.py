@@ -1,0 +1,160 @@
+"""The driver: statistics passes, then apply, with bounded in-flight work.
+
+Units are Ray tasks (retried by Ray if their worker dies); their output bytes go
+straight from the object store to the writer actor without passing through the driver.
+At most `max_in_flight` units are computing or waiting to be written at any time,
+and never more than `max_in_flight_bytes` of output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit
+from distmerge.errors import MergeFailed
+from distmerge.methods import get_method
+from distmerge.plan import MergePlan, WorkUnit
+
+TASK_RETRIES = 3
+
+
+@dataclass
+class RunStats:
+    read_bytes: int = 0
+    written_bytes: int = 0
+    worker_peak_rss: Dict[int, int] = field(default_factory=dict)
+    writer_peak_rss: int = 0
+    compute_seconds: float = 0.0
+
+    def add(self, stats: WorkerStats) -> None:
+        self.read_bytes += stats.read_bytes
+        self.compute_seconds += stats.seconds
+        self.worker_peak_rss[stats.pid] = max(stats.peak_rss, self.worker_peak_rss.get(stats.pid, 0))
+
+
+def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
+    cause = getattr(err, "cause", None) or err
+    return MergeFailed(f"work unit #{unit.index} ({unit.describe()}) failed: {type(cause).__name__}: {cause}")
+
+
+class Driver:
+    def __init__(self, plan: MergePlan, writer: Any, *, max_in_flight: int, max_in_flight_bytes: int,
+                 threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None) -> None:
+        import ray
+
+        self.ray = ray
+        self.plan = plan
+        self.writer = writer
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_in_flight_bytes = max_in_flight_bytes
+        self.threads = threads_per_worker
+        self.on_written = on_written or (lambda unit: None)
+        self.stats = RunStats()
+        self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
+        options = dict(num_cpus=threads_per_worker, max_retries=TASK_RETRIES, retry_exceptions=False)
+        self.collect_task = ray.remote(collect_unit).options(**options)
+        self.apply_task = ray.remote(apply_unit).options(num_returns=2, **options)
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def run_statistics(self) -> Dict[str, List[Any]]:
+        """Run the passes of every group that spans several pieces; return final carries."""
+        method = get_method(self.plan.config.method.name)
+        groups = {gid: g for gid, g in self.plan.groups.items() if g.distributed}
+        carries = {gid: list(g.statistics.carries) for gid, g in groups.items()}
+        for pass_index in range(self.plan.statistics_passes):
+            active = {gid for gid, g in groups.items() if g.statistics.passes > pass_index}
+            by_unit: Dict[int, List[Any]] = {}
+            slot: Dict[tuple, tuple] = {}
+            for gid in active:
+                for position, (u, j) in enumerate(groups[gid].pieces):
+                    by_unit.setdefault(u, [None] * len(self.plan.units[u].pieces))[j] = carries[gid][position]
+                    slot[(u, j)] = (gid, position)
+            partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
+            jobs = {
+                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.threads): u
+                for u, unit_carries in by_unit.items()
+            }
+            for ref, (unit_partials, stats) in self._completed(jobs):
+                u = jobs[ref]
+                self.stats.add(stats)
+                for j, partial in enumerate(unit_partials):
+                    if (u, j) in slot:
+                        gid, position = slot[(u, j)]
+                        partials[gid][position] = partial
+            for gid in active:
+                metas = [self.plan.units[u].pieces[j].meta for u, j in groups[gid].pieces]
+                carries[gid] = method.reduce(pass_index, metas, partials[gid], carries[gid])
+        return carries
+
+    def _completed(self, jobs: Dict[Any, int]):
+        """Yield (ref, result) as jobs finish, keeping at most max_in_flight running."""
+        pending = list(jobs)
+        running: List[Any] = []
+        while pending or running:
+            while pending and len(running) < self.max_in_flight:
+                running.append(pending.pop(0))
+            done, running = self.ray.wait(running, num_returns=1)
+            for ref in done:
+                try:
+                    yield ref, self.ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - reported with the unit named
+                    raise _failure(self.plan.units[jobs[ref]], err) from err
+
+    # -- apply --------------------------------------------------------------------------
+
+    def unit_carries(self, unit: WorkUnit, reduced: Dict[str, List[Any]]):
+        carries, local_plans = [], []
+        for j, piece in enumerate(unit.pieces):
+            group = self.plan.groups[piece.group]
+            if group.distributed:
+                carries.append(reduced[piece.group][self.position[(unit.index, j)]])
+                local_plans.append(None)
+            elif group.statistics.passes:
+                carries.append(LOCAL)
+                local_plans.append(group.statistics)
+            else:
+                carries.append(group.statistics.carries[self.position[(unit.index, j)]])
+                local_plans.append(None)
+        return carries, local_plans
+
+    def run_apply(self, reduced: Dict[str, List[Any]]) -> None:
+        method_name = self.plan.config.method.name
+        pending = list(self.plan.units)
+        computing: Dict[Any, tuple] = {}  # stats ref -> (unit, data ref)
+        writing: Dict[Any, WorkUnit] = {}
+        in_flight_bytes = 0
+        while pending or computing or writing:
+            while pending and len(computing) + len(writing) < self.max_in_flight and (
+                    in_flight_bytes == 0 or in_flight_bytes + pending[0].out_bytes <= self.max_in_flight_bytes):
+                unit = pending.pop(0)
+                carries, local_plans = self.unit_carries(unit, reduced)
+                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, local_plans, self.threads)
+                computing[stats_ref] = (unit, data_ref)
+                in_flight_bytes += unit.out_bytes
+            done, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)
+            for ref in done:
+                if ref in computing:
+                    unit, data_ref = computing.pop(ref)
+                    try:
+                        self.stats.add(self.ray.get(ref))
+                    except Exception as err:  # noqa: BLE001
+                        raise _failure(unit, err) from err
+                    segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
+                    writing[self.writer.write.remote(segments, data_ref)] = unit
+                else:
+                    unit = writing.pop(ref)
+                    try:
+                        self.stats.written_bytes += self.ray.get(ref)
+                    except Exception as err:  # noqa: BLE001
+                        raise _failure(unit, err) from err
+                    in_flight_bytes -= unit.out_bytes
+                    self.on_written(unit)
+
+
+def run_plan(plan: MergePlan, writer: Any, **options: Any) -> RunStats:
+    driver = Driver(plan, writer, **options)
+    reduced = driver.run_statistics()
+    driver.run_apply(reduced)
+    return driver.stats

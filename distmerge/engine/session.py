@@ -1,0 +1,44 @@
+"""Start or join Ray: a loopback-only local instance on demand, or an existing cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+LOOPBACK = "127.0.0.1"
+
+
+def default_num_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str], num_workers: int, object_store_memory: int) -> Iterator[None]:
+    """Use the Ray already initialised in this process, join `address`, or start a local one.
+
+    A local instance binds 127.0.0.1 only, has `num_workers` CPUs, no dashboard, and is
+    shut down on exit. An instance this function did not start is left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=num_workers,
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,80 @@
+"""The writer: places each unit's bytes at its precomputed offset in the output shards.
+
+Shards are written as `<name>.partial`, preallocated to their final size with their
+header in place; they are renamed to their final names only by `finalize`, after every
+byte range has been written. The class is plain Python; the driver runs it as a Ray
+actor on the node that holds the output directory.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from distmerge.errors import MergeFailed
+from distmerge.io.layout import OutputLayout
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class ShardWriter:
+    def __init__(self, out_dir: str, layout: OutputLayout) -> None:
+        self.out_dir = out_dir
+        self.layout = layout
+        self.fds: List[int] = []
+        self.written = [0] * len(layout.shards)
+        for shard in layout.shards:
+            path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, shard.size)
+            os.pwrite(fd, shard.header, 0)
+            self.fds.append(fd)
+
+    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray) -> int:
+        """Write `data` split into (shard, file offset, length) segments, in order."""
+        view = memoryview(data).cast("B")
+        position = 0
+        for shard, offset, length in segments:
+            chunk = view[position:position + length]
+            done = 0
+            while done < length:
+                done += os.pwrite(self.fds[shard], chunk[done:], offset + done)
+            self.written[shard] += length
+            position += length
+        return position
+
+    def finalize(self) -> Dict[str, int]:
+        """Check every shard is complete, sync, and give the shards their final names."""
+        for i, shard in enumerate(self.layout.shards):
+            expected = shard.size - len(shard.header)
+            if self.written[i] != expected:
+                raise MergeFailed(f"{shard.file_name}: {self.written[i]} of {expected} data bytes were written")
+        for fd in self.fds:
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+        for shard in self.layout.shards:
+            final = os.path.join(self.out_dir, shard.file_name)
+            os.replace(final + PARTIAL_SUFFIX, final)
+        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss()}
+
+    def abort(self) -> None:
+        """Close and delete the partial shards."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for shard in self.layout.shards:
+            try:
+                os.remove(os.path.join(self.out_dir, shard.file_name + PARTIAL_SUFFIX))
+            except FileNotFoundError:
+                pass
+
+    def peak_rss(self) -> int:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,25 @@
+"""Errors a user can act on.
+
+Every message names the file, tensor or config key at fault, what rule it broke and,
+where there is one, the fix. Raised during planning, before any tensor data is read.
+"""
+
+
+class DistmergeError(Exception):
+    """Base class for problems with the user's config, inputs or destination."""
+
+
+class ConfigError(DistmergeError):
+    """The merge config (YAML) is invalid: unknown key, bad value, unknown method."""
+
+
+class InputError(DistmergeError):
+    """An input model is missing, unreadable, or inconsistent with the others."""
+
+
+class OutputError(DistmergeError):
+    """The destination cannot be written (e.g. it already holds a checkpoint)."""
+
+
+class MergeFailed(DistmergeError):
+    """A work unit failed while merging; the message names the unit's tensors."""

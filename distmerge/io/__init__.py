@@ -1,0 +1,1 @@
+"""Reading safetensors checkpoints by header and byte range, and writing sharded output."""

@@ -1,0 +1,134 @@
+"""The public entry points: plan a merge, run it, and summarise what happened."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from distmerge.config import MergeConfig, load_config
+from distmerge.engine.session import default_num_workers, ray_session
+from distmerge.io.commit import commit_checkpoint, prepare_destination
+from distmerge.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from distmerge.sizes import format_bytes, parse_size
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    out_dir: str
+    tensors: int
+    units: int
+    shards: int
+    read_bytes: int
+    written_bytes: int
+    seconds: float
+    driver_peak_rss: int
+    worker_peak_rss: int
+    workers: int
+    writer_peak_rss: int
+
+    @property
+    def throughput(self) -> float:
+        """Input bytes read per second."""
+        return self.read_bytes / self.seconds if self.seconds else 0.0
+
+    def format(self) -> str:
+        return (
+            f"merged {self.tensors} tensors in {self.units} units into {self.shards} shard(s) at {self.out_dir}\n"
+            f"read {format_bytes(self.read_bytes)}, wrote {format_bytes(self.written_bytes)} "
+            f"in {self.seconds:.1f} s ({format_bytes(self.throughput)}/s read)\n"
+            f"peak memory: driver {format_bytes(self.driver_peak_rss)}, "
+            f"largest worker {format_bytes(self.worker_peak_rss)} ({self.workers} worker process(es)), "
+            f"writer {format_bytes(self.writer_peak_rss)}"
+        )
+
+
+def _as_config(config: Union[str, os.PathLike, MergeConfig]) -> MergeConfig:
+    return config if isinstance(config, MergeConfig) else load_config(os.fspath(config))
+
+
+def plan(config: Union[str, os.PathLike, MergeConfig], *, shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
+         memory_per_worker: Union[int, str, None] = None, num_workers: Optional[int] = None) -> MergePlan:
+    """Validate the config and inputs and build the merge plan, reading headers only."""
+    return plan_merge(
+        _as_config(config),
+        shard_size=parse_size(shard_size),
+        memory_per_worker=parse_size(memory_per_worker) if memory_per_worker else None,
+        num_workers=num_workers or default_num_workers(),
+    )
+
+
+def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.PathLike], *,
+          address: Optional[str] = None, num_workers: Optional[int] = None,
+          shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, memory_per_worker: Union[int, str, None] = None,
+          overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1) -> MergeSummary:
+    """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
+
+    Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
+    `address="auto"` or `"ray://host:10001"` the merge runs on that cluster. Everything is
+    validated before any tensor data is read; on failure nothing that looks like a
+    finished checkpoint is left at `out_dir`.
+    """
+    import ray
+
+    from distmerge.engine.driver import run_plan
+    from distmerge.engine.writer import ShardWriter
+
+    started = time.perf_counter()
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    workers = num_workers or default_num_workers()
+    merge_plan = plan(config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
+    prepare_destination(out_dir, overwrite)
+
+    largest_output = max(u.out_bytes for u in merge_plan.units)
+    max_in_flight_bytes = max(2 * workers * largest_output, 256 * 2**20)
+    store = int(min(max(2 * max_in_flight_bytes, 512 * 2**20), 8 * 2**30))
+
+    with ray_session(address, workers, store):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        writer = ray.remote(ShardWriter).options(num_cpus=0, scheduling_strategy=here).remote(
+            out_dir, merge_plan.layout)
+        bar = _progress_bar(merge_plan, progress)
+        try:
+            stats = run_plan(
+                merge_plan, writer, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
+                threads_per_worker=threads_per_worker,
+                on_written=lambda unit: bar.update(unit.out_bytes) if bar else None)
+            written = ray.get(writer.finalize.remote())
+        except BaseException:
+            try:
+                ray.get(writer.abort.remote())
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        finally:
+            if bar:
+                bar.close()
+            ray.kill(writer)
+    commit_checkpoint(merge_plan, out_dir)
+    return MergeSummary(
+        out_dir=out_dir,
+        tensors=merge_plan.tensor_count,
+        units=len(merge_plan.units),
+        shards=len(merge_plan.layout.shards),
+        read_bytes=stats.read_bytes,
+        written_bytes=written["bytes_written"],
+        seconds=time.perf_counter() - started,
+        driver_peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        worker_peak_rss=max(stats.worker_peak_rss.values(), default=0),
+        workers=len(stats.worker_peak_rss),
+        writer_peak_rss=written["peak_rss"],
+    )
+
+
+def _progress_bar(merge_plan: MergePlan, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=merge_plan.layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=f"merging {merge_plan.tensor_count} tensors", dynamic_ncols=True)

@@ -1,0 +1,286 @@
+"""Plan a merge from headers only: validate inputs, split work into units, fix the layout.
+
+The plan is a pure function of the config, the input headers and the options; the
+output bytes depend on nothing else (not on worker count or scheduling).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import psutil
+import torch
+
+from distmerge.config import LAYER_INDEX, MergeConfig, resolve_parameters
+from distmerge.errors import ConfigError, InputError
+from distmerge.io.checkpoint import Checkpoint, open_checkpoint
+from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
+from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
+from distmerge.methods.base import PieceMeta, StatisticsPlan
+from distmerge.sizes import format_bytes
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+# Pack small tensors into one unit up to this much working memory (fewer, larger tasks).
+PACK_TARGET = 256 * 2**20
+# Row splits fall on multiples of this many elements, so vectorized kernels see the
+# same element alignment whatever the split.
+SPLIT_ALIGN_ELEMENTS = 64
+
+
+def default_memory_per_worker(num_workers: int) -> int:
+    """Half of this machine's memory shared among the workers, capped at 8 GiB."""
+    total = psutil.virtual_memory().total
+    return int(min(8 * 2**30, max(256 * 2**20, total * 0.5 / max(1, num_workers))))
+
+
+@dataclass(frozen=True)
+class SourceRange:
+    """Bytes of one input for one piece: a contiguous range of a safetensors file."""
+
+    path: str
+    dtype: str
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Piece:
+    meta: PieceMeta
+    sources: Tuple[SourceRange, ...]  # base first (if the method uses one), then models
+    group: str  # reduction group id
+    out_dtype: torch.dtype
+    shard: int
+    out_offset: int  # absolute file offset of this piece's first output byte
+    out_nbytes: int
+    memory: int  # estimated peak working bytes
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    index: int
+    pieces: Tuple[Piece, ...]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.nbytes for p in self.pieces for s in p.sources)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(p.out_nbytes for p in self.pieces)
+
+    @property
+    def memory(self) -> int:
+        return max(p.memory for p in self.pieces)
+
+    def describe(self) -> str:
+        p = self.pieces[0]
+        if len(self.pieces) == 1:
+            rows = p.meta.shape[0] if p.meta.shape else 1
+            if p.meta.row_end - p.meta.row_start == rows:
+                return p.meta.tensor
+            return f"{p.meta.tensor}[rows {p.meta.row_start}:{p.meta.row_end}]"
+        return f"{p.meta.tensor} +{len(self.pieces) - 1} more"
+
+
+@dataclass(frozen=True)
+class ReductionGroup:
+    """Pieces whose statistics are reduced together (tie order: tensor name, then row)."""
+
+    id: str
+    pieces: Tuple[Tuple[int, int], ...]  # (unit index, piece index within the unit)
+    statistics: StatisticsPlan
+
+    @property
+    def distributed(self) -> bool:
+        """Needs statistics passes across pieces (else each piece runs on its own)."""
+        return self.statistics.passes > 0 and len(self.pieces) > 1
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    config: MergeConfig
+    checkpoints: Tuple[Checkpoint, ...]  # base first (if used), then models
+    units: Tuple[WorkUnit, ...]
+    groups: Dict[str, ReductionGroup]
+    layout: OutputLayout
+    memory_per_worker: int
+    notes: Tuple[str, ...] = field(default=())
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.layout.shards)
+
+    def read_bytes_by_input(self) -> List[int]:
+        """Bytes each input is read for, statistics passes included."""
+        totals = [0] * len(self.checkpoints)
+        for unit in self.units:
+            for piece in unit.pieces:
+                group = self.groups[piece.group]
+                reads = 1 + (group.statistics.passes if group.distributed else 0)
+                for i, src in enumerate(piece.sources):
+                    totals[i] += src.nbytes * reads
+        return totals
+
+    @property
+    def statistics_passes(self) -> int:
+        return max((g.statistics.passes for g in self.groups.values() if g.distributed), default=0)
+
+
+def _compute_dtype(config: MergeConfig, dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    if config.dtype is not None:
+        return config.dtype
+    result = dtypes[0]
+    for d in dtypes[1:]:
+        result = torch.promote_types(result, d)
+    return result
+
+
+def _rows_per_piece(shape: Tuple[int, ...], bytes_per_element: float, budget: int) -> int:
+    rows = shape[0] if shape else 1
+    row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if rows <= 1:
+        return rows
+    granule = SPLIT_ALIGN_ELEMENTS // math.gcd(SPLIT_ALIGN_ELEMENTS, row_numel)
+    fit = int(budget // max(1.0, row_numel * bytes_per_element))
+    fit = max(granule, fit - fit % granule)
+    return min(rows, fit)
+
+
+def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
+               memory_per_worker: Optional[int] = None, num_workers: int = 1) -> MergePlan:
+    """Read every input's headers and build the complete plan, or raise a clear error."""
+    budget = memory_per_worker or default_memory_per_worker(num_workers)
+    checkpoints = tuple(open_checkpoint(m.ref, m.path) for m in config.inputs)
+    reference = checkpoints[0]
+    method = config.method
+    notes: List[str] = []
+
+    for ckpt in checkpoints[1:]:
+        extra = sorted(set(ckpt.tensors) - set(reference.tensors))
+        if extra:
+            notes.append(f"model {ckpt.ref!r} has {len(extra)} tensor(s) not in {reference.ref!r}, ignored "
+                         f"(first: {extra[0]!r})")
+
+    layer_ids = {int(m.group(1)) for name in reference.tensors if (m := LAYER_INDEX.search(name))}
+    num_layers = max(layer_ids) + 1 if layer_ids else 0
+    names = sorted(reference.tensors, key=natural_key)
+    n_models = len(config.models)
+
+    out_tensors = []
+    tensor_specs = []
+    for name in names:
+        infos = []
+        for ckpt in checkpoints:
+            info = ckpt.tensors.get(name)
+            if info is None:
+                raise InputError(f"model {ckpt.ref!r} ({ckpt.path}) has no tensor {name!r}, "
+                                 f"which {reference.ref!r} has; every input needs the same tensors")
+            if info.dtype not in SAFETENSORS_TO_TORCH:
+                raise InputError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; only floating-point "
+                                 "tensors (F16, BF16, F32, F64) can be merged")
+            if info.shape != reference.tensors[name].shape:
+                raise InputError(f"tensor {name!r} has shape {list(info.shape)} in {ckpt.ref!r} but "
+                                 f"{list(reference.tensors[name].shape)} in {reference.ref!r}")
+            infos.append(info)
+        dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
+        out_dtype = config.out_dtype or dtype
+        params = resolve_parameters(config, name, num_layers)
+        shape = infos[0].shape
+        numel = math.prod(shape)
+        out_tensors.append(OutputTensor(name, TORCH_TO_SAFETENSORS[out_dtype], shape,
+                                        numel * out_dtype.itemsize))
+        tensor_specs.append((name, infos, dtype, out_dtype, params, shape))
+
+    layout = plan_layout(out_tensors, shard_size)
+    scope = method.reduction_scope(tensor_specs[0][4].shared) if tensor_specs else "tensor"
+
+    pieces: List[Piece] = []
+    for name, infos, dtype, out_dtype, params, shape in sorted(tensor_specs, key=lambda s: natural_key(s[0])):
+        per_element = (method.working_set_factor(n_models) * dtype.itemsize
+                       + sum(i.nbytes for i in infos) / max(1, math.prod(shape)) + out_dtype.itemsize)
+        rows_total = shape[0] if shape else 1
+        step = _rows_per_piece(shape, per_element, budget)
+        row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+        shard, offset = layout.locate(name)
+        for r0 in range(0, max(rows_total, 1), max(step, 1)):
+            r1 = min(rows_total, r0 + step) if shape else 1
+            meta = PieceMeta(name, shape, r0, r1, dtype, params)
+            elems = (r1 - r0) * row_numel if shape else 1
+            sources = tuple(
+                SourceRange(i.path, i.dtype,
+                            i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
+                            i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize
+                            + elems * SAFETENSORS_TO_TORCH[i.dtype].itemsize)
+                for i in infos)
+            pieces.append(Piece(
+                meta=meta, sources=sources, group=name if scope == "tensor" else "<model>",
+                out_dtype=out_dtype, shard=shard,
+                out_offset=offset + r0 * row_numel * out_dtype.itemsize,
+                out_nbytes=elems * out_dtype.itemsize, memory=int(elems * per_element)))
+            if numel == 0:
+                break
+
+    units: List[WorkUnit] = []
+    batch: List[Piece] = []
+    batch_memory = 0
+    for piece in pieces:
+        if batch and batch_memory + piece.memory > min(budget, PACK_TARGET):
+            units.append(WorkUnit(len(units), tuple(batch)))
+            batch, batch_memory = [], 0
+        batch.append(piece)
+        batch_memory += piece.memory
+    if batch:
+        units.append(WorkUnit(len(units), tuple(batch)))
+
+    members: Dict[str, List[Tuple[int, int]]] = {}
+    for unit in units:
+        for j, piece in enumerate(unit.pieces):
+            members.setdefault(piece.group, []).append((unit.index, j))
+    groups = {}
+    for gid, refs in members.items():
+        refs.sort(key=lambda r: (units[r[0]].pieces[r[1]].meta.tensor, units[r[0]].pieces[r[1]].meta.row_start))
+        metas = [units[u].pieces[j].meta for u, j in refs]
+        try:
+            stats = method.plan_statistics(metas)
+        except ValueError as err:
+            raise ConfigError(f"{config.source}: {err}") from None
+        groups[gid] = ReductionGroup(gid, tuple(refs), stats)
+
+    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes))
+
+
+def format_plan(plan: MergePlan) -> str:
+    """A human summary of the plan, as `distmerge plan` prints it."""
+    cfg = plan.config
+    lines = [f"merge_method: {cfg.method.name}    tensors: {plan.tensor_count}    work units: {len(plan.units)}"]
+    split = sorted({p.meta.tensor for u in plan.units for p in u.pieces
+                    if p.meta.row_end - p.meta.row_start < (p.meta.shape[0] if p.meta.shape else 1)})
+    packed = sum(1 for u in plan.units if len(u.pieces) > 1)
+    lines.append(f"memory per worker: {format_bytes(plan.memory_per_worker)}    "
+                 f"tensors split into row ranges: {len(split)}    units packing several tensors: {packed}")
+    if plan.statistics_passes:
+        dist = sum(1 for g in plan.groups.values() if g.distributed)
+        lines.append(f"reduction groups across units: {dist} (statistics passes: {plan.statistics_passes})")
+    lines.append("inputs (bytes read):")
+    for ckpt, nbytes in zip(plan.checkpoints, plan.read_bytes_by_input()):
+        role = "base " if cfg.base is not None and ckpt is plan.checkpoints[0] else "model"
+        lines.append(f"  {role} {ckpt.ref}: {format_bytes(nbytes)} of {format_bytes(ckpt.nbytes)} "
+                     f"in {len(ckpt.files)} file(s)")
+    lines.append(f"output: {len(plan.layout.shards)} shard(s), {format_bytes(plan.layout.total_size)}")
+    for shard in plan.layout.shards:
+        lines.append(f"  {shard.file_name}: {len(shard.tensors)} tensors, {format_bytes(shard.size)}")
+    biggest = max(plan.units, key=lambda u: u.memory)
+    lines.append(f"largest unit: #{biggest.index} {biggest.describe()}, about {format_bytes(biggest.memory)} working memory")
+    if split:
+        lines.append(f"split tensors: {', '.join(split[:8])}{' ...' if len(split) > 8 else ''}")
+    dtypes = sorted({TORCH_DTYPE_NAMES[p.meta.dtype] for u in plan.units for p in u.pieces})
+    lines.append(f"compute dtype: {', '.join(dtypes)}")
+    lines.extend(f"note: {n}" for n in plan.notes)
+    return "\n".join(lines)
