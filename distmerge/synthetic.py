@@ -119,7 +119,7 @@ def write_checkpoint(path: str, tensors: Dict[str, torch.Tensor], config: dict,
 
 
 def make_models(root: str, *, shape: LlamaShape = LlamaShape(), fine_tunes: int = 3,
-                dtype: torch.dtype = torch.bfloat16, seed: int = 0, delta_scale: float = 0.05,
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0, delta_scale: float = 0.5,
                 max_shard_bytes: Optional[int] = None, dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[str]:
     """Write base + fine-tunes under `root` (base/, ft1/, ...); return their directories.
 

@@ -61,7 +61,7 @@ def digit_histogram(keys: torch.Tensor, bits: int, pass_index: int, prefix: int)
     if pass_index > 0:
         flat = flat[(flat >> (shift + DIGIT_BITS)) == prefix]
     digits = flat >> shift if shift else flat
-    if shift:
+    if bits > DIGIT_BITS:
         digits = digits & (BINS - 1)
     array = digits.numpy()
     if array.dtype == np.int16:

@@ -1,0 +1,103 @@
+"""Shared test helpers: run mergekit (the oracle), load checkpoints, compare bit for bit."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from distmerge.methods import topk
+
+BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def write_yaml(path: str, data: dict) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
+def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def shard_bytes(path: str) -> Dict[str, bytes]:
+    """Every output file that defines the checkpoint, as raw bytes."""
+    names = sorted(glob.glob(os.path.join(path, "*.safetensors"))) + [os.path.join(path, "model.safetensors.index.json")]
+    return {os.path.basename(n): open(n, "rb").read() for n in names}
+
+
+def run_mergekit(config_path: str, out_path: str) -> Dict[str, torch.Tensor]:
+    """Run the real mergekit on a config (in process, as mergekit-yaml does)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    with open(config_path, encoding="utf-8") as f:
+        config = MergeConfiguration.model_validate(yaml.safe_load(f))
+    run_merge(config, out_path, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                                             num_threads=1))
+    return load_checkpoint(out_path)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(BITS_VIEW[t.element_size()])
+
+
+def assert_bit_identical(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        differ = (bits(a) != bits(b)).sum().item()
+        assert differ == 0, f"{name}: {differ} of {a.numel()} entries differ"
+
+
+def threshold_ties(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Positions whose |delta| equals the k-th largest magnitude (k = int(density * numel))."""
+    k = int(density * delta.numel())
+    keys = topk.magnitude_keys(delta).reshape(-1)
+    threshold = torch.sort(keys.to(torch.int64), descending=True).values[k - 1]
+    return (topk.magnitude_keys(delta) == threshold)
+
+
+def assert_ties_parity(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor],
+                       inputs: List[Dict[str, torch.Tensor]], densities: Iterable[float],
+                       dtype: Optional[torch.dtype]) -> int:
+    """Outputs agree everywhere except where some model's |delta| sits exactly at its threshold.
+
+    Returns how many entries differed (all of them at thresholds).
+    """
+    assert sorted(ours) == sorted(theirs)
+    densities = list(densities)
+    total_diff = 0
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        differ = bits(a) != bits(b)
+        if not differ.any():
+            continue
+        base = inputs[0][name].to(dtype or inputs[0][name].dtype)
+        allowed = torch.zeros_like(differ)
+        for model, density in zip(inputs[1:], densities):
+            if density < 1:
+                allowed |= threshold_ties(model[name].to(base.dtype) - base, density)
+        outside = (differ & ~allowed).sum().item()
+        assert outside == 0, f"{name}: {outside} entries differ away from the top-k threshold"
+        total_diff += differ.sum().item()
+    return total_diff
+
+
+def read_index(path: str) -> dict:
+    with open(os.path.join(path, "model.safetensors.index.json"), encoding="utf-8") as f:
+        return json.load(f)
