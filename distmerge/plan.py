@@ -19,7 +19,7 @@ from distmerge.errors import ConfigError, InputError
 from distmerge.io.checkpoint import Checkpoint, open_checkpoint
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
 from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
-from distmerge.methods.base import PieceMeta, StatisticsPlan
+from distmerge.methods.base import KeepsNothing, PieceMeta, StatisticsPlan
 from distmerge.sizes import format_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -239,7 +239,7 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     if batch:
         units.append(WorkUnit(len(units), tuple(batch)))
 
-    members: Dict[str, List[Tuple[int, int]]] = {}
+    members: Dict[str, List[Tuple[int, int]]] = {}  # insertion order: natural tensor order
     for unit in units:
         for j, piece in enumerate(unit.pieces):
             members.setdefault(piece.group, []).append((unit.index, j))
@@ -249,8 +249,11 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
         metas = [units[u].pieces[j].meta for u, j in refs]
         try:
             stats = method.plan_statistics(metas)
-        except ValueError as err:
-            raise ConfigError(f"{config.source}: {err}") from None
+        except KeepsNothing as err:
+            model = config.models[err.model_index]
+            raise ConfigError(
+                f"{config.source}: density {err.density} of model {model.ref!r} keeps no entry of {err.what} "
+                f"({err.numel} elements); raise it to at least {1 / err.numel:.3g}") from None
         groups[gid] = ReductionGroup(gid, tuple(refs), stats)
 
     return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes))

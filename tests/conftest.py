@@ -31,7 +31,7 @@ def model_factory(tmp_path_factory):
     cache = {}
 
     def make(dtype: torch.dtype = torch.bfloat16, shape: LlamaShape = LlamaShape(), **kwargs):
-        key = (dtype, shape, tuple(sorted(kwargs.items(), key=str)))
+        key = (dtype, shape, repr(sorted(kwargs.items(), key=str)))
         if key not in cache:
             root = tmp_path_factory.mktemp(f"models-{str(dtype).split('.')[-1]}")
             cache[key] = make_models(str(root), shape=shape, dtype=dtype, **kwargs)

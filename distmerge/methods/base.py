@@ -98,6 +98,15 @@ class PieceInputs:
     memo: Dict[str, Any] = field(default_factory=dict)
 
 
+class KeepsNothing(ValueError):
+    """A density keeps no entry of a tensor (or model) for one input model."""
+
+    def __init__(self, what: str, model_index: int, density: float, numel: int) -> None:
+        super().__init__(f"density {density} keeps no entry of {what} ({numel} elements) for model "
+                         f"#{model_index + 1}; raise density to at least {1 / numel:.3g}")
+        self.what, self.model_index, self.density, self.numel = what, model_index, density, numel
+
+
 @dataclass(frozen=True)
 class StatisticsPlan:
     passes: int

@@ -20,6 +20,7 @@ import torch
 
 from distmerge.methods import topk
 from distmerge.methods.base import (
+    KeepsNothing,
     MergeMethod,
     ParameterSpec,
     PieceInputs,
@@ -114,9 +115,7 @@ class TaskVectorMerge(MergeMethod):
             k = int(density * total)
             if k == 0:
                 what = f"tensor {first.tensor!r}" if len({m.tensor for m in metas}) == 1 else "the model"
-                raise ValueError(
-                    f"density {density} keeps no entry of {what} ({total} elements) for model "
-                    f"#{model_index + 1}; raise density to at least {1 / total:.3g}")
+                raise KeepsNothing(what, model_index, density, total)
             states.append(topk.Selection(bits, 0, k))
         passes = topk.passes_for(bits) + (1 if first.params.shared.get("rescale") else 0)
         carry = PieceCarry(tuple(states))

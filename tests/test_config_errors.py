@@ -1,0 +1,215 @@
+"""Bad input: each gives a clear error naming the file, tensor or key, before any data is read,
+and leaves nothing at the destination that looks like a finished checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import distmerge
+from distmerge.cli import main
+from distmerge.config import load_config
+from distmerge.errors import ConfigError, InputError, OutputError
+from helpers import write_yaml
+
+
+def ties(paths, **extra):
+    cfg = {
+        "merge_method": "ties",
+        "base_model": paths[0],
+        "models": [{"model": p, "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]],
+        "dtype": "bfloat16",
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+def paths(model_factory):
+    return model_factory(torch.bfloat16)
+
+
+def _expect(tmp_path, cfg, error, *fragments):
+    path = write_yaml(str(tmp_path / "merge.yml"), cfg)
+    out = tmp_path / "out"
+    with pytest.raises(error) as info:
+        distmerge.merge(path, str(out), num_workers=1)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not list(out.glob("*.safetensors")) if out.exists() else True
+    return str(info.value)
+
+
+def test_unknown_top_level_key(tmp_path, paths):
+    _expect(tmp_path, ties(paths, dtpye="bfloat16"), ConfigError, "dtpye", "unknown key", "dtype")
+
+
+def test_typo_in_model_parameter(tmp_path, paths):
+    cfg = ties(paths)
+    cfg["models"][1]["parameters"] = {"weight": 0.5, "densty": 0.5}
+    _expect(tmp_path, cfg, ConfigError, "models[1].parameters.densty", "did you mean 'density'")
+
+
+def test_unknown_global_parameter(tmp_path, paths):
+    _expect(tmp_path, ties(paths, parameters={"normalise": True}), ConfigError, "parameters.normalise", "normalize")
+
+
+def test_unknown_merge_method_lists_valid_ones(tmp_path, paths):
+    msg = _expect(tmp_path, ties(paths, merge_method="tie"), ConfigError, "merge_method", "'tie'")
+    for name in ("linear", "task_arithmetic", "ties"):
+        assert name in msg
+
+
+def test_missing_weight(tmp_path, paths):
+    cfg = ties(paths)
+    del cfg["models"][2]["parameters"]["weight"]
+    _expect(tmp_path, cfg, ConfigError, "models[2].parameters.weight", "required")
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
+def test_density_out_of_range(tmp_path, paths, density):
+    cfg = ties(paths)
+    cfg["models"][0]["parameters"]["density"] = density
+    _expect(tmp_path, cfg, ConfigError, "models[0].parameters.density", "(0, 1]")
+
+
+def test_density_keeping_nothing_names_the_tensor(tmp_path, paths):
+    cfg = ties(paths)
+    cfg["models"][0]["parameters"]["density"] = 1e-5
+    _expect(tmp_path, cfg, ConfigError, "keeps no entry of tensor 'lm_head.weight'", paths[1], "4.07e-05")
+
+
+def test_global_parameter_under_a_model(tmp_path, paths):
+    cfg = ties(paths)
+    cfg["models"][0]["parameters"]["normalize"] = False
+    _expect(tmp_path, cfg, ConfigError, "models[0].parameters.normalize", "global parameter")
+
+
+def test_bad_values(tmp_path, paths):
+    _expect(tmp_path, ties(paths, dtype="bf17"), ConfigError, "dtype", "bf17")
+    _expect(tmp_path, ties(paths, parameters={"sign_election": "majority"}), ConfigError,
+            "parameters.sign_election", "weighted, unweighted")
+    _expect(tmp_path, ties(paths, parameters={"normalize": "yes"}), ConfigError, "parameters.normalize", "true or false")
+    _expect(tmp_path, ties(paths, slices=[]), ConfigError, "slices", "not supported")
+
+
+def test_missing_model_directory(tmp_path, paths):
+    cfg = ties(paths)
+    cfg["models"][1]["model"] = str(tmp_path / "nope")
+    _expect(tmp_path, cfg, InputError, str(tmp_path / "nope"), "does not exist")
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _rewrite(model_dir, change):
+    path = os.path.join(model_dir, "model.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor(tmp_path, paths):
+    broken = _copy_model(paths[2], tmp_path / "broken")
+    _rewrite(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    cfg = ties(paths)
+    cfg["models"][1]["model"] = broken
+    _expect(tmp_path, cfg, InputError, "model.layers.1.mlp.up_proj.weight", broken)
+
+
+def test_shape_mismatch(tmp_path, paths):
+    broken = _copy_model(paths[1], tmp_path / "broken")
+    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(65, dtype=torch.bfloat16)}))
+    cfg = ties(paths)
+    cfg["models"][0]["model"] = broken
+    _expect(tmp_path, cfg, InputError, "model.norm.weight", "[65]", "[64]")
+
+
+def test_non_float_tensor(tmp_path, paths):
+    broken = _copy_model(paths[1], tmp_path / "broken")
+    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    cfg = ties(paths)
+    cfg["models"][0]["model"] = broken
+    _expect(tmp_path, cfg, InputError, "model.norm.weight", "I64", "floating-point")
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, paths):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    cfg = ties(paths)
+    cfg["models"][0]["model"] = str(pickled)
+    _expect(tmp_path, cfg, InputError, "pytorch_model.bin", "never unpickles")
+
+
+def test_index_pointing_outside_the_model(tmp_path, paths):
+    model = tmp_path / "escaping"
+    model.mkdir()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../other.safetensors"}}))
+    cfg = ties(paths)
+    cfg["models"][0]["model"] = str(model)
+    _expect(tmp_path, cfg, InputError, "../other.safetensors", "outside the model directory")
+
+
+def test_existing_checkpoint_needs_overwrite(ray_local, tmp_path, paths):
+    path = write_yaml(str(tmp_path / "merge.yml"), ties(paths))
+    out = tmp_path / "out"
+    distmerge.merge(path, str(out), num_workers=1)
+    before = (out / "model.safetensors.index.json").read_bytes()
+    with pytest.raises(OutputError, match="already holds a checkpoint.*--overwrite"):
+        distmerge.merge(path, str(out), num_workers=1)
+    assert (out / "model.safetensors.index.json").read_bytes() == before
+    distmerge.merge(path, str(out), num_workers=1, overwrite=True)
+    assert (out / "model.safetensors.index.json").read_bytes() == before
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, paths, capsys):
+    path = write_yaml(str(tmp_path / "merge.yml"), ties(paths, densty=0.5))
+    assert main(["plan", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distmerge: error:") and "densty" in err and "Traceback" not in err
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yml"
+    path.write_text("merge_method: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+def test_gradient_and_filter_parameters_resolve_like_mergekit(paths):
+    from distmerge.config import resolve_parameters
+
+    cfg = load_config(write_yaml(os.path.join(os.path.dirname(paths[0]), "grad.yml"), {
+        "merge_method": "ties", "base_model": paths[0],
+        "models": [{"model": paths[1], "parameters": {
+            "weight": [0.0, 1.0],
+            "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}}],
+    }))
+    mlp = resolve_parameters(cfg, "model.layers.2.mlp.up_proj.weight", num_layers=3)
+    attn = resolve_parameters(cfg, "model.layers.1.self_attn.q_proj.weight", num_layers=3)
+    embed = resolve_parameters(cfg, "model.embed_tokens.weight", num_layers=3)
+    assert mlp.per_model[0] == {"weight": 1.0, "density": 0.3}
+    assert attn.per_model[0] == {"weight": 0.5, "density": 0.8}
+    assert embed.per_model[0]["weight"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["ties.yml", "task_arithmetic.yml", "linear.yml"])
+def test_example_configs_plan(model_factory, tmp_path, name):
+    """configs/ examples are valid, and plan once models sit where they point."""
+    paths = model_factory(torch.bfloat16)
+    os.symlink(os.path.dirname(paths[0]), tmp_path / "models")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(repo, "configs", name), tmp_path / name)
+    plan = distmerge.plan(str(tmp_path / name))
+    assert plan.tensor_count == 30

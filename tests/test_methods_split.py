@@ -1,0 +1,185 @@
+"""The merge methods alone (no Ray, no files): splitting a tensor into row ranges never
+changes a bit, top-k keeps exactly k, ties go to the lowest flat index."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distmerge.methods import METHODS, topk
+from distmerge.methods.base import PieceInputs, PieceMeta, ResolvedParams, run_in_memory
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _params(method, weights, densities, **shared):
+    spec = METHODS[method]
+    values = {p.name: p.default for p in spec.parameters if not p.per_model}
+    values.update(shared)
+    per_model = []
+    for w, d in zip(weights, densities):
+        entry = {"weight": w}
+        if spec.parameter("density"):
+            entry["density"] = d
+        per_model.append(entry)
+    return ResolvedParams(values, tuple(per_model))
+
+
+def _pieces(name, base, models, params, cuts, uses_base=True):
+    rows = base.shape[0]
+    bounds = [0] + sorted(set(c for c in cuts if 0 < c < rows)) + [rows]
+    pieces = []
+    for r0, r1 in zip(bounds, bounds[1:]):
+        meta = PieceMeta(name, tuple(base.shape), r0, r1, base.dtype, params)
+        if uses_base:
+            pieces.append(PieceInputs(meta, base[r0:r1], tuple(m[r0:r1] for m in models)))
+        else:
+            pieces.append(PieceInputs(meta, None, (base[r0:r1],) + tuple(m[r0:r1] for m in models)))
+    return pieces
+
+
+def _merge(method, name, base, models, params, cuts=()):
+    m = METHODS[method]
+    outs = run_in_memory(m, _pieces(name, base, models, params, cuts, m.uses_base))
+    return torch.cat([o.reshape(-1) for o in outs])
+
+
+def _bits(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@st.composite
+def merge_case(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    rows = draw(st.integers(1, 40))
+    cols = draw(st.integers(1, 19))
+    n = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    ties = draw(st.booleans())
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=g).to(dtype)
+    if ties:  # deltas from a handful of values: heavy ties at every threshold
+        choices = torch.tensor([-0.5, -0.25, 0.0, 0.25, 0.5])
+        models = [base + choices[torch.randint(0, 5, (rows, cols), generator=g)].to(dtype) for _ in range(n)]
+    else:
+        models = [base + (0.1 * torch.randn(rows, cols, generator=g)).to(dtype) for _ in range(n)]
+    weights = draw(st.lists(st.floats(0.05, 2.0), min_size=n, max_size=n))
+    densities = draw(st.lists(st.sampled_from([0.05, 0.1, 0.3, 0.5, 0.77, 1.0]), min_size=n, max_size=n))
+    cuts = draw(st.lists(st.integers(1, max(1, rows - 1)), max_size=6))
+    shared = dict(normalize=draw(st.booleans()), **{"lambda": draw(st.sampled_from([1.0, 0.7, 1.5]))})
+    return dtype, base, models, weights, densities, cuts, shared
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=merge_case(), method=st.sampled_from(["ties", "task_arithmetic", "linear"]))
+def test_split_equals_whole(case, method):
+    dtype, base, models, weights, densities, cuts, shared = case
+    if method == "linear":
+        shared = {"normalize": shared["normalize"]}
+        weights = weights[:1] + weights
+        densities = densities[:1] + densities
+    elif method == "task_arithmetic":
+        shared = dict(shared, int8_mask=False)
+    else:
+        shared = dict(shared, sign_election="weighted", density_scope="tensor", int8_mask=True, rescale=False)
+    numel = base.numel()
+    if method == "ties" and any(int(d * numel) == 0 for d in densities if d < 1):
+        densities = [1.0 for _ in densities]
+    params = _params(method, weights, densities, **shared)
+    whole = _merge(method, "t", base, models, params)
+    split = _merge(method, "t", base, models, params, cuts)
+    assert torch.equal(_bits(whole), _bits(split))
+
+
+@settings(max_examples=150, deadline=None)
+@given(dtype=st.sampled_from(DTYPES + [torch.float64]), numel=st.integers(1, 600), density=st.floats(0.001, 0.999),
+       levels=st.sampled_from([2, 5, 1000]), cuts=st.lists(st.integers(1, 599), max_size=8),
+       seed=st.integers(0, 2**16))
+def test_radix_select_keeps_exactly_k_lowest_index_ties_first(dtype, numel, density, levels, cuts, seed):
+    k = int(density * numel)
+    if k == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.randint(-levels, levels + 1, (numel,), generator=g).to(torch.float64) / levels).to(dtype)
+    keys = topk.magnitude_keys(values)
+    bounds = [0] + sorted(set(c for c in cuts if 0 < c < numel)) + [numel]
+    bits = topk.key_bits(dtype)
+    states = [topk.Selection(bits, 0, k) for _ in bounds[:-1]]
+    for p in range(topk.passes_for(bits)):
+        hists = [topk.digit_histogram(keys[a:b], bits, p, s.prefix) for (a, b), s in zip(zip(bounds, bounds[1:]), states)]
+        states = topk.reduce_pass(p, states, hists)
+    mask = torch.cat([topk.kept_mask(keys[a:b], s) for (a, b), s in zip(zip(bounds, bounds[1:]), states)])
+    assert mask.sum().item() == k
+    # Reference: stable sort by magnitude descending keeps lower indices first among equals.
+    order = np.argsort(-values.abs().to(torch.float64).numpy(), kind="stable")[:k]
+    expected = torch.zeros(numel, dtype=torch.bool)
+    expected[torch.from_numpy(order.copy())] = True
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_zero_deltas_give_the_base(dtype):
+    base = torch.randn(17, 9).to(dtype)
+    params = _params("ties", [0.5, 0.5], [0.3, 0.6], normalize=True, int8_mask=False, sign_election="weighted",
+                     density_scope="tensor", rescale=False, **{"lambda": 1.0})
+    out = _merge("ties", "t", base, [base.clone(), base.clone()], params, cuts=[3, 11])
+    assert torch.equal(_bits(out), _bits(base.reshape(-1)))
+
+
+def test_unweighted_sign_election_matches_paper_reference():
+    """Paper order: elect signs from the unweighted trimmed deltas, then the weighted disjoint mean."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 32, generator=g)
+    models = [base + 0.1 * torch.randn(64, 32, generator=g) for _ in range(3)]
+    weights, densities = [1.0, 0.35, 0.2], [0.5, 0.4, 0.6]
+    params = _params("ties", weights, densities, normalize=True, int8_mask=False, sign_election="unweighted",
+                     density_scope="tensor", rescale=False, **{"lambda": 1.0})
+    ours = _merge("ties", "t", base, models, params, cuts=[10, 40]).reshape(64, 32)
+
+    trimmed = []
+    for m, d in zip(models, densities):
+        delta = (m - base).double()
+        k = int(d * delta.numel())
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[torch.topk(delta.abs().reshape(-1), k).indices] = True
+        trimmed.append(delta * keep.reshape(delta.shape))
+    elected = torch.where(sum(trimmed) >= 0, 1.0, -1.0)
+    agree = [(torch.sign(t) == elected) for t in trimmed]
+    num = sum(w * t * a for w, t, a in zip(weights, trimmed, agree))
+    den = sum(w * a.double() for w, a in zip(weights, agree))
+    reference = base.double() + num / torch.where(den == 0, 1.0, den)
+    assert torch.allclose(ours.double(), reference, rtol=0, atol=1e-6)
+
+    weighted = _merge("ties", "t", base, models, _params(
+        "ties", weights, densities, normalize=True, int8_mask=False, sign_election="weighted",
+        density_scope="tensor", rescale=False, **{"lambda": 1.0})).reshape(64, 32)
+    differ = (weighted != ours).float().mean().item()
+    assert 0 < differ < 0.2  # unequal weights: a few percent of entries differ
+
+    equal = [0.4, 0.4, 0.4]
+    a = _merge("ties", "t", base, models, _params("ties", equal, densities, normalize=True, int8_mask=False,
+                                                  sign_election="unweighted", density_scope="tensor", rescale=False,
+                                                  **{"lambda": 1.0}))
+    b = _merge("ties", "t", base, models, _params("ties", equal, densities, normalize=True, int8_mask=False,
+                                                  sign_election="weighted", density_scope="tensor", rescale=False,
+                                                  **{"lambda": 1.0}))
+    assert torch.equal(a, b)
+
+
+def test_rescale_restores_l1_norm_whole_or_split():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 16, generator=g)
+    models = [base + 0.1 * torch.randn(40, 16, generator=g)]
+    params = _params("ties", [1.0], [0.3], normalize=False, int8_mask=False, sign_election="weighted",
+                     density_scope="tensor", rescale=True, **{"lambda": 1.0})
+    whole = _merge("ties", "t", base, models, params)
+    split = _merge("ties", "t", base, models, params, cuts=[7, 19, 33])
+    assert torch.equal(whole, split)
+    delta = (models[0] - base).reshape(-1)
+    merged_delta = whole - base.reshape(-1)
+    assert math.isclose(merged_delta.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-4)
