@@ -26,7 +26,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                         "CPU count unless set)")
     p.add_argument("--memory-per-worker", metavar="SIZE",
                    help="working memory one task may use, e.g. 2GiB; bigger tensors are split into row "
-                        "ranges (default: half this machine's memory shared by the workers, at most 8 GiB)")
+                        "ranges (default: a quarter of this machine's memory shared by the workers, 256 MiB to 1 GiB)")
     p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
                    help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
     if merging:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -11,6 +10,7 @@ from typing import Optional, Union
 from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import default_num_workers, ray_session
 from distmerge.io.commit import commit_checkpoint, prepare_destination
+from distmerge.memory import peak_rss
 from distmerge.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from distmerge.sizes import format_bytes, parse_size
 
@@ -118,7 +118,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         read_bytes=stats.read_bytes,
         written_bytes=written["bytes_written"],
         seconds=time.perf_counter() - started,
-        driver_peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        driver_peak_rss=peak_rss(),
         worker_peak_rss=max(stats.worker_peak_rss.values(), default=0),
         workers=len(stats.worker_peak_rss),
         writer_peak_rss=written["peak_rss"],

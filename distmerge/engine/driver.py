@@ -104,20 +104,12 @@ class Driver:
 
     # -- apply --------------------------------------------------------------------------
 
-    def unit_carries(self, unit: WorkUnit, reduced: Dict[str, List[Any]]):
-        carries, local_plans = [], []
+    def unit_carries(self, unit: WorkUnit, reduced: Dict[str, List[Any]]) -> List[Any]:
+        carries = []
         for j, piece in enumerate(unit.pieces):
             group = self.plan.groups[piece.group]
-            if group.distributed:
-                carries.append(reduced[piece.group][self.position[(unit.index, j)]])
-                local_plans.append(None)
-            elif group.statistics.passes:
-                carries.append(LOCAL)
-                local_plans.append(group.statistics)
-            else:
-                carries.append(group.statistics.carries[self.position[(unit.index, j)]])
-                local_plans.append(None)
-        return carries, local_plans
+            carries.append(reduced[piece.group][self.position[(unit.index, j)]] if group.distributed else LOCAL)
+        return carries
 
     def run_apply(self, reduced: Dict[str, List[Any]]) -> None:
         method_name = self.plan.config.method.name
@@ -129,8 +121,8 @@ class Driver:
             while pending and len(computing) + len(writing) < self.max_in_flight and (
                     in_flight_bytes == 0 or in_flight_bytes + pending[0].out_bytes <= self.max_in_flight_bytes):
                 unit = pending.pop(0)
-                carries, local_plans = self.unit_carries(unit, reduced)
-                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, local_plans, self.threads)
+                carries = self.unit_carries(unit, reduced)
+                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.threads)
                 computing[stats_ref] = (unit, data_ref)
                 in_flight_bytes += unit.out_bytes
             done, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)

@@ -9,13 +9,13 @@ actor on the node that holds the output directory.
 from __future__ import annotations
 
 import os
-import resource
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from distmerge.errors import MergeFailed
 from distmerge.io.layout import OutputLayout
+from distmerge.memory import peak_rss
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -74,7 +74,3 @@ class ShardWriter:
 
     def peak_rss(self) -> int:
         return peak_rss()
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

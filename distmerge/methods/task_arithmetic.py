@@ -18,7 +18,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from distmerge.methods import topk
+from distmerge.methods import signs, topk
 from distmerge.methods.base import (
     KeepsNothing,
     MergeMethod,
@@ -175,12 +175,23 @@ class TaskVectorMerge(MergeMethod):
 
     # -- apply ------------------------------------------------------------------------
 
-    def _sparse_delta(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int) -> torch.Tensor:
+    def _sparse_delta_into(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int,
+                           out: torch.Tensor) -> torch.Tensor:
+        """Write the trimmed delta of model `index` into `out` (mergekit: delta * 0/1 mask)."""
         delta = self._deltas(inputs)[index]
         if carry is None or carry.selections[index] is None:
-            return delta
-        mask = topk.kept_mask(self._keys(inputs, carry, index), carry.selections[index])
-        return delta * mask.to(delta.dtype)
+            return out.copy_(delta)
+        keys = self._keys(inputs, carry, index)
+        keep = topk.keep_bits(keys, carry.selections[index])
+        if keys.element_size() == delta.element_size():
+            torch.bitwise_and(signs.as_int(delta), keep, out=signs.as_int(out))
+        else:  # model-wide keys in a wider dtype than this tensor
+            torch.mul(delta, (keep == -1).to(delta.dtype), out=out)
+        return out
+
+    def _sparse_delta(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int) -> torch.Tensor:
+        delta = self._deltas(inputs)[index]
+        return self._sparse_delta_into(inputs, carry, index, torch.empty_like(delta))
 
     def apply(self, inputs: PieceInputs, carry: Optional[PieceCarry]) -> torch.Tensor:
         params = inputs.meta.params
@@ -190,13 +201,11 @@ class TaskVectorMerge(MergeMethod):
         dtype = base.dtype
         deltas = base.new_empty((n, *base.shape))
         for i in range(n):
-            delta = self._sparse_delta(inputs, carry, i)
+            self._sparse_delta_into(inputs, carry, i, deltas[i])
             if carry is not None and carry.l1 is not None and carry.selections[i] is not None:
                 before, after = carry.l1[i]
                 if before >= 1e-7 and after >= 1e-7:
-                    delta = delta * torch.tensor(before / after, dtype=dtype)
-            deltas[i] = delta
-            del delta
+                    deltas[i] *= torch.tensor(before / after, dtype=dtype)
         inputs.memo.clear()
 
         weights = torch.tensor(params.model_values("weight"), dtype=dtype)
@@ -207,22 +216,19 @@ class TaskVectorMerge(MergeMethod):
         deltas.mul_(weights)
 
         if self.consensus:
-            mask_dtype = torch.int8 if shared["int8_mask"] else dtype
             if unweighted_sum is None:
-                sign = deltas.sign().to(mask_dtype)
-                elected = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
+                agree = signs.agreement(deltas, deltas.sum(dim=0))
             else:
                 # TIES paper order: signs voted by the unweighted trimmed deltas; a model
                 # agrees when its own (unweighted) delta has the elected sign.
-                sign = (deltas.sign() * weights.sign()).to(mask_dtype)
-                elected = (unweighted_sum >= 0).to(mask_dtype) * 2 - 1
-                del unweighted_sum
-            mask = sign == elected
-            del sign, elected
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
+                flip = torch.where(weights < 0, torch.iinfo(signs.INT_OF[dtype.itemsize]).min, 0)
+                own = (signs.as_int(deltas) ^ flip.to(signs.INT_OF[dtype.itemsize])).view(dtype)
+                agree = signs.agreement(own, unweighted_sum)
+                del own, unweighted_sum
+            mixed = signs.masked(deltas, agree).sum(dim=0)
+            divisor = (weights * signs.as_float_mask(agree, dtype)).sum(dim=0)
             divisor[divisor == 0] = 1
-            del mask
+            del agree
         else:
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)

@@ -97,14 +97,25 @@ def reduce_pass(pass_index: int, states: Sequence[Selection], histograms: Sequen
     return out
 
 
+def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """An integer mask (same width as the keys): all ones where kept, only the sign bit elsewhere.
+
+    `delta_bits & keep_bits` is bit-for-bit `delta * mask` for a 0/1 float mask (a dropped
+    entry becomes a zero with the delta's sign), at the cost of integer ops.
+    """
+    sign_bit = torch.iinfo(keys.dtype).min
+    mask = torch.sub(selection.prefix, keys)  # negative exactly where key > threshold
+    mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
+    mask |= sign_bit
+    if selection.quota:
+        ties = torch.nonzero((keys == selection.prefix).reshape(-1)).reshape(-1)[: selection.quota]
+        mask.reshape(-1)[ties] = -1
+    return mask
+
+
 def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     """Boolean mask of the entries this piece keeps."""
-    threshold = selection.prefix
-    keep = keys > threshold
-    if selection.quota:
-        ties = torch.nonzero((keys == threshold).reshape(-1)).reshape(-1)[: selection.quota]
-        keep.reshape(-1)[ties] = True
-    return keep
+    return keep_bits(keys, selection) == -1
 
 
 def passes_for(bits: int) -> int:
