@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name in ("merge", "plan", "MergeSummary"):
-        from distmerge import merge as merge_module
+        import importlib
 
-        return getattr(merge_module, name)
+        return getattr(importlib.import_module("distmerge.api"), name)
     raise AttributeError(f"module 'distmerge' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from distmerge.merge import merge
+    from distmerge.api import merge
 
     summary = merge(args.config, args.out, address=args.address, num_workers=args.num_workers,
                     shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
@@ -80,7 +80,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from distmerge.io.commit import existing_checkpoint
-    from distmerge.merge import plan
+    from distmerge.api import plan
     from distmerge.plan import format_plan
 
     merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
@@ -94,7 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import yaml
 
-    from distmerge.merge import merge
+    from distmerge.api import merge
     from distmerge.synthetic import make_models, ties_config
 
     root = args.out or tempfile.mkdtemp(prefix="distmerge-demo-")
