@@ -11,7 +11,7 @@ from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import default_num_workers, ray_session
 from distmerge.io.commit import commit_checkpoint, prepare_destination
 from distmerge.memory import peak_rss
-from distmerge.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from distmerge.planner import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from distmerge.sizes import format_bytes, parse_size
 
 

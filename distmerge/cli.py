@@ -9,7 +9,7 @@ import tempfile
 from typing import List, Optional
 
 from distmerge.errors import DistmergeError
-from distmerge.plan import DEFAULT_SHARD_SIZE
+from distmerge.planner import DEFAULT_SHARD_SIZE
 
 EPILOG = """\
 examples:
@@ -81,7 +81,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from distmerge.io.commit import existing_checkpoint
     from distmerge.api import plan
-    from distmerge.plan import format_plan
+    from distmerge.planner import format_plan
 
     merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
                       num_workers=args.num_workers)

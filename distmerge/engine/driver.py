@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit
 from distmerge.errors import MergeFailed
 from distmerge.methods import get_method
-from distmerge.plan import MergePlan, WorkUnit
+from distmerge.planner import MergePlan, WorkUnit
 
 TASK_RETRIES = 3
 

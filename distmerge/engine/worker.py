@@ -20,7 +20,7 @@ from distmerge.io.reader import map_range
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
 from distmerge.methods.base import PieceInputs, run_in_memory
-from distmerge.plan import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
+from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
 
 LOCAL = "local"  # carry marker: this piece's reduction group is the piece itself
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.

@@ -16,7 +16,7 @@ from typing import Optional
 from distmerge.errors import OutputError
 from distmerge.io.dtypes import TORCH_DTYPE_NAMES
 from distmerge.io.layout import INDEX_NAME
-from distmerge.plan import MergePlan
+from distmerge.planner import MergePlan
 
 COMPANION_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
