@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "output shards and the largest unit's memory estimate.")
     p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory (only checked, not written)")
+    p.add_argument("--units", action="store_true",
+                   help="list every work unit: its tensors or row range, bytes, peak memory estimate")
     _add_run_options(p, merging=False)
 
     p = sub.add_parser("demo", help="make tiny synthetic models and TIES-merge them on local Ray",
@@ -85,7 +87,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
                       num_workers=args.num_workers)
-    print(format_plan(merge_plan))
+    print(format_plan(merge_plan, units=args.units))
     if args.out and existing_checkpoint(args.out):
         print(f"warning: {args.out} already holds a checkpoint; `distmerge merge` needs --overwrite")
     return 0

@@ -263,8 +263,8 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes))
 
 
-def format_plan(plan: MergePlan) -> str:
-    """A human summary of the plan, as `distmerge plan` prints it."""
+def format_plan(plan: MergePlan, units: bool = False) -> str:
+    """A human summary of the plan, as `distmerge plan` prints it (with `units`: one line each)."""
     cfg = plan.config
     lines = [f"merge_method: {cfg.method.name}    tensors: {plan.tensor_count}    work units: {len(plan.units)}"]
     split = sorted({p.meta.tensor for u in plan.units for p in u.pieces
@@ -290,4 +290,9 @@ def format_plan(plan: MergePlan) -> str:
     dtypes = sorted({TORCH_DTYPE_NAMES[p.meta.dtype] for u in plan.units for p in u.pieces})
     lines.append(f"compute dtype: {', '.join(dtypes)}")
     lines.extend(f"note: {n}" for n in plan.notes)
+    if units:
+        lines.append("units (index, tensors, bytes read, output bytes, peak working memory estimate):")
+        for unit in plan.units:
+            lines.append(f"  #{unit.index:<5} {unit.describe():<60} read {format_bytes(unit.read_bytes):>11}  "
+                         f"out {format_bytes(unit.out_bytes):>11}  peak ~{format_bytes(unit.memory)}")
     return "\n".join(lines)

@@ -95,10 +95,10 @@ def test_plan_command_reads_headers_only(config_path, capsys, tmp_path, monkeypa
 
     monkeypatch.setattr(reader, "map_range", no_data)
     assert main(["plan", config_path, str(tmp_path / "out"), "--memory-per-worker", "64KiB",
-                 "--shard-size", "100KB"]) == 0
+                 "--shard-size", "100KB", "--units"]) == 0
     text = capsys.readouterr().out
     for fragment in ("merge_method: ties", "work units:", "inputs (bytes read):", "output: ", "largest unit:",
-                     "model-00001-of-"):
+                     "model-00001-of-", "split tensors:", "[rows 0:", "peak ~"):
         assert fragment in text
     assert not (tmp_path / "out").exists()
 
