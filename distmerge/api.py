@@ -97,7 +97,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
             stats = run_plan(
                 merge_plan, writer, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
                 threads_per_worker=threads_per_worker,
-                on_written=lambda unit: bar.update(unit.out_bytes) if bar else None)
+                on_written=bar.unit_written if bar else None)
             written = ray.get(writer.finalize.remote())
         except BaseException:
             try:
@@ -125,10 +125,25 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     )
 
 
-def _progress_bar(merge_plan: MergePlan, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _ProgressBar:
+    """Output bytes written, with finished tensors as the postfix."""
 
-    return tqdm(total=merge_plan.layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=f"merging {merge_plan.tensor_count} tensors", dynamic_ncols=True)
+    def __init__(self, merge_plan: MergePlan) -> None:
+        from tqdm import tqdm
+
+        self.total_tensors = merge_plan.tensor_count
+        self.done_tensors = 0
+        self.bar = tqdm(total=merge_plan.layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="merging", dynamic_ncols=True)
+
+    def unit_written(self, unit) -> None:
+        self.done_tensors += sum(1 for p in unit.pieces if p.meta.row_end == (p.meta.shape[0] if p.meta.shape else 1))
+        self.bar.set_postfix_str(f"{self.done_tensors}/{self.total_tensors} tensors", refresh=False)
+        self.bar.update(unit.out_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_bar(merge_plan: MergePlan, enabled: bool) -> Optional[_ProgressBar]:
+    return _ProgressBar(merge_plan) if enabled else None
