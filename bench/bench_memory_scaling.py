@@ -20,14 +20,18 @@ How to read the output:
   budget (it is above the budget at every size, so that tensor is always split and its
   top-k threshold is reduced across pieces). Input bytes are per model.
 - "memory": per-process peaks. "worker" is the largest peak over the Ray worker
-  processes that ran `apply_unit` / `collect_unit` tasks; "writer" is the ShardWriter
+  processes that ran `apply_unit` / `collect_unit` tasks, as sampled; "worker VmHWM" is
+  the largest worker high-water mark that distmerge itself reports (exact, where the
+  sampler can miss peaks shorter than its interval); "writer" is the ShardWriter
   actor, "driver" the `distmerge` CLI process, "ray other" the sum of the peaks of Ray's
   own processes (raylet, gcs_server, idle workers, ...). "tree" is the peak of the summed
   memory of the whole tree at one moment (not the sum of the per-process peaks).
-- "workers": every worker process's own peak RSS / PSS.
-- "scaling": largest size over smallest size for the worker peak and the tree total. Flat
-  memory means every ratio is within 1.20 (PASS); the exit status is 1 on FAIL or when a
-  merge fails.
+- "per-process peaks": each merge worker's, the writer's and the driver's own peak RSS /
+  PSS. Memory figures are in MiB.
+- "scaling": largest size over smallest size for the worker peaks and the tree total,
+  each size's value being the worst of its --repeat runs (default 2: a worker's peak
+  moves by tens of MiB from run to run with scheduling, at every size). Flat memory means
+  every ratio is within 1.20 (PASS); the exit status is 1 on FAIL or when a merge fails.
 
 Worker RSS includes file-backed pages of the memory-mapped inputs it touched (PSS splits
 the pages shared with other processes), and Python + torch + Ray themselves (a few
@@ -41,6 +45,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,6 +81,7 @@ NUM_WORKERS = 2
 TOLERANCE = 1.20
 WORKER_TASKS = ("ray::apply_unit", "ray::collect_unit")
 WRITER = "ray::ShardWriter"
+WORKER_SUMMARY = re.compile(r"largest worker ([0-9.]+ [A-Za-z]+)")
 
 
 def shape_for(multiplier: float) -> LlamaShape:
@@ -152,7 +158,8 @@ class NamingSampler(ProcessTreeSampler):
 class ProcessPeak:
     pid: int
     role: str  # driver, worker, writer or ray
-    names: List[str]
+    name: str  # its name when its RSS peaked
+    names: List[str]  # every name it had while sampled
     rss: int
     pss: int
 
@@ -162,6 +169,7 @@ class Run:
     """One merge at one size."""
 
     multiplier: float
+    attempt: int  # 1-based, of --repeat
     shape: Dict[str, int]
     parameters: int
     model_bytes: int
@@ -177,6 +185,10 @@ class Run:
     samples: int
     processes: List[ProcessPeak] = field(default_factory=list)
 
+    @property
+    def label(self) -> str:
+        return f"{self.multiplier:g}x #{self.attempt}"
+
     def of(self, role: str) -> List[ProcessPeak]:
         return [p for p in self.processes if p.role == role]
 
@@ -186,6 +198,12 @@ class Run:
 
     def summed(self, role: str, attr: str) -> int:
         return sum(getattr(p, attr) for p in self.of(role))
+
+    @property
+    def reported_worker_peak(self) -> int:
+        """distmerge's own "largest worker" figure: the largest worker VmHWM (0 if not printed)."""
+        match = WORKER_SUMMARY.search(self.output_tail)
+        return parse_size(match.group(1)) if match else 0
 
 
 def _role(pid: int, root: int, names: Set[str]) -> str:
@@ -223,14 +241,15 @@ def run_sampled(cmd: Sequence[str], interval: float, tail_chars: int = 4000
     peaks = []
     for pid, peak in sampler.per_process.items():
         names = sampler.names.get(pid, {peak.name})
-        peaks.append(ProcessPeak(pid, _role(pid, proc.pid, names), sorted(names), peak.rss, peak.pss))
+        peaks.append(ProcessPeak(pid, _role(pid, proc.pid, names), peak.name, sorted(names), peak.rss, peak.pss))
     peaks.sort(key=lambda p: p.rss, reverse=True)
     return wall, returncode, tail, sampler.peak_rss_sum, sampler.peak_pss_sum, sampler.samples, peaks
 
 
-def run_size(multiplier: float, work: str, memory_per_worker: str, interval: float) -> Run:
+def run_size(multiplier: float, attempt: int, work: str, memory_per_worker: str, interval: float) -> Run:
     """Write (or reuse) the models of one size, plan the merge, run it and sample it."""
     shape = shape_for(multiplier)
+    label = f"{multiplier:g}x #{attempt}"
     root = os.path.join(work, f"x{multiplier:g}")
     os.makedirs(root, exist_ok=True)
     started = time.perf_counter()
@@ -239,7 +258,7 @@ def run_size(multiplier: float, work: str, memory_per_worker: str, interval: flo
     files = input_files(paths)
     input_bytes = sum(os.path.getsize(f) for f in files)
     model_bytes = sum(os.path.getsize(f) for f in input_files(paths[:1]))
-    print(f"[{multiplier:g}x] models: {len(paths)} x {format_bytes(model_bytes)} "
+    print(f"[{label}] models: {len(paths)} x {format_bytes(model_bytes)} "
           f"({'reused' if reused else f'written in {time.perf_counter() - started:.1f} s'})", flush=True)
 
     config_path = os.path.join(root, "ties.yml")
@@ -251,14 +270,14 @@ def run_size(multiplier: float, work: str, memory_per_worker: str, interval: flo
         "merge", config_path, os.path.join(root, "out"), "--no-progress", "--overwrite",
         "--memory-per-worker", memory_per_worker, "--num-workers", str(NUM_WORKERS)]
     read_files(files)
-    print(f"[{multiplier:g}x] $ {' '.join(cmd)}", flush=True)
+    print(f"[{label}] $ {' '.join(cmd)}", flush=True)
     wall, returncode, tail, rss_sum, pss_sum, samples, peaks = run_sampled(cmd, interval)
     status = "ok" if returncode == 0 else f"FAILED (exit {returncode})"
-    print(f"[{multiplier:g}x] {status} in {wall:.1f} s, {samples} memory samples, {len(peaks)} processes",
+    print(f"[{label}] {status} in {wall:.1f} s, {samples} memory samples, {len(peaks)} processes",
           flush=True)
     if returncode != 0:
-        print(f"[{multiplier:g}x] output tail:\n{tail}", flush=True)
-    return Run(multiplier=multiplier, shape=asdict(shape), parameters=parameter_count(shape),
+        print(f"[{label}] output tail:\n{tail}", flush=True)
+    return Run(multiplier=multiplier, attempt=attempt, shape=asdict(shape), parameters=parameter_count(shape),
                model_bytes=model_bytes, input_bytes=input_bytes, models_reused=reused, plan=facts, cmd=cmd,
                wall_s=wall, returncode=returncode, output_tail=tail, peak_rss_sum=rss_sum, peak_pss_sum=pss_sum,
                samples=samples, processes=peaks)
@@ -287,7 +306,7 @@ def plan_table(runs: Sequence[Run], budget: int) -> str:
     rows = []
     for r in runs:
         p = r.plan
-        rows.append([f"{r.multiplier:g}x", f"{r.parameters / 1e6:.1f} M", format_bytes(r.model_bytes),
+        rows.append([r.label, f"{r.parameters / 1e6:.1f} M", format_bytes(r.model_bytes),
                      str(r.shape["layers"]), str(r.shape["vocab"]), str(p.units), str(p.pieces),
                      f"{p.split_tensors}/{p.tensors}", str(p.largest_tensor_pieces),
                      format_bytes(p.largest_tensor_input_bytes), format_bytes(p.largest_tensor_working),
@@ -297,12 +316,12 @@ def plan_table(runs: Sequence[Run], budget: int) -> str:
 
 
 def memory_table(runs: Sequence[Run]) -> str:
-    header = ["size (MiB)", "worker RSS", "worker PSS", "writer RSS", "writer PSS", "driver RSS", "driver PSS",
+    header = ["size (MiB)", "worker RSS", "worker PSS", "worker VmHWM", "writer RSS", "writer PSS", "driver RSS", "driver PSS",
               "ray other RSS", "ray other PSS", "tree RSS", "tree PSS"]
     rows = []
     for r in runs:
-        rows.append([f"{r.multiplier:g}x"] + [_mib(v) for v in (
-            r.peak("worker", "rss"), r.peak("worker", "pss"), r.peak("writer", "rss"), r.peak("writer", "pss"),
+        rows.append([r.label] + [_mib(v) for v in (
+            r.peak("worker", "rss"), r.peak("worker", "pss"), r.reported_worker_peak, r.peak("writer", "rss"), r.peak("writer", "pss"),
             r.peak("driver", "rss"), r.peak("driver", "pss"), r.summed("ray", "rss"), r.summed("ray", "pss"),
             r.peak_rss_sum, r.peak_pss_sum)])
     return format_table(header, rows)
@@ -312,24 +331,31 @@ def workers_table(runs: Sequence[Run]) -> str:
     rows = []
     for r in runs:
         for p in r.of("worker") + r.of("writer") + r.of("driver"):
-            names = ", ".join(n for n in p.names if n != "ray::IDLE") or ", ".join(p.names)
-            rows.append([f"{r.multiplier:g}x", p.role, f"{names} [{p.pid}]", _mib(p.rss), _mib(p.pss)])
+            if p.role == "worker":
+                name = ", ".join(n for n in p.names if n.startswith(WORKER_TASKS))
+            else:
+                name = WRITER if p.role == "writer" else p.name
+            rows.append([r.label, p.role, f"{name} [{p.pid}]", _mib(p.rss), _mib(p.pss)])
     return format_table(["size", "role", "process [pid]", "peak RSS MiB", "peak PSS MiB"], rows)
 
 
 def scaling(runs: Sequence[Run]) -> List[Tuple[str, int, int, float, bool]]:
-    """(measure, smallest size's value, largest size's value, ratio, within TOLERANCE)."""
-    small = min(runs, key=lambda r: r.multiplier)
-    large = max(runs, key=lambda r: r.multiplier)
+    """(measure, smallest size's value, largest size's value, ratio, within TOLERANCE).
+
+    A size's value is the largest over its repeats: the worst peak seen.
+    """
+    small = [r for r in runs if r.multiplier == min(r.multiplier for r in runs)]
+    large = [r for r in runs if r.multiplier == max(r.multiplier for r in runs)]
     measures = {
         "worker peak RSS": lambda r: r.peak("worker", "rss"),
         "worker peak PSS": lambda r: r.peak("worker", "pss"),
+        "worker VmHWM (distmerge's own)": lambda r: r.reported_worker_peak,
         "tree total RSS": lambda r: r.peak_rss_sum,
         "tree total PSS": lambda r: r.peak_pss_sum,
     }
     out = []
     for name, get in measures.items():
-        a, b = get(small), get(large)
+        a, b = max(get(r) for r in small), max(get(r) for r in large)
         ratio = b / a if a else float("inf")
         out.append((name, a, b, ratio, ratio <= TOLERANCE))
     return out
@@ -346,6 +372,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="models, configs and outputs go here; models are reused (default: bench/work/scaling)")
     p.add_argument("--interval", type=float, default=0.2, metavar="S",
                    help="memory sampling interval in seconds (default: 0.2)")
+    p.add_argument("--repeat", type=int, default=2, metavar="R",
+                   help="merges per size; the scaling check compares the worst peak of each size (default: 2)")
     p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     args = p.parse_args(argv)
     try:
@@ -355,13 +383,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(str(err))
     if len(args.sizes) < 2 or min(args.sizes) <= 0:
         p.error("--sizes needs at least two positive multipliers")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     work = os.path.abspath(args.work)
-    runs = [run_size(m, work, args.memory_per_worker, args.interval) for m in args.sizes]
+    runs = [run_size(m, attempt, work, args.memory_per_worker, args.interval)
+            for m in args.sizes for attempt in range(1, args.repeat + 1)]
     failed = [r for r in runs if r.returncode != 0]
 
     vm = psutil.virtual_memory()
@@ -386,7 +417,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if checks:
         small, large = min(args.sizes), max(args.sizes)
         growth = runs[-1].model_bytes / runs[0].model_bytes
-        print(f"scaling, {large:g}x over {small:g}x (model {growth:.2f}x larger), limit {TOLERANCE:.2f}:")
+        print(f"scaling, {large:g}x over {small:g}x (model {growth:.2f}x larger; each size's worst of "
+              f"{args.repeat} run(s)), limit {TOLERANCE:.2f}:")
         print(format_table(["measure", f"{small:g}x MiB", f"{large:g}x MiB", "ratio", "verdict"],
                            [[name, _mib(a), _mib(b), f"{ratio:.3f}", "PASS" if ok else "FAIL"]
                             for name, a, b, ratio, ok in checks]))
@@ -398,7 +430,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.json:
         report = {
-            "memory_per_worker": args.budget, "num_workers": NUM_WORKERS, "tolerance": TOLERANCE,
+            "memory_per_worker": args.budget, "num_workers": NUM_WORKERS, "repeat": args.repeat, "tolerance": TOLERANCE,
             "weights": WEIGHTS, "densities": DENSITIES, "dtype": DTYPE,
             "machine": {"cpus": os.cpu_count(), "ram_bytes": vm.total, "torch": torch.__version__},
             "runs": [asdict(r) for r in runs],

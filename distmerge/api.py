@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import default_num_workers, ray_session
-from distmerge.io.commit import commit_checkpoint, prepare_destination
+from distmerge.io.commit import Destination, commit_checkpoint
+from distmerge.io.multipart import DEFAULT_PART_SIZE
 from distmerge.memory import peak_rss
 from distmerge.planner import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from distmerge.sizes import format_bytes, parse_size
@@ -45,15 +47,24 @@ class MergeSummary:
         )
 
 
-def _as_config(config: Union[str, os.PathLike, MergeConfig]) -> MergeConfig:
-    return config if isinstance(config, MergeConfig) else load_config(os.fspath(config))
+def _as_config(config: Union[str, os.PathLike, MergeConfig],
+               storage_options: Optional[Mapping[str, Any]] = None) -> MergeConfig:
+    loaded = config if isinstance(config, MergeConfig) else load_config(os.fspath(config))
+    if storage_options:
+        loaded = dataclasses.replace(loaded, storage=loaded.storage.merged(storage_options))
+    return loaded
 
 
 def plan(config: Union[str, os.PathLike, MergeConfig], *, shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
-         memory_per_worker: Union[int, str, None] = None, num_workers: Optional[int] = None) -> MergePlan:
-    """Validate the config and inputs and build the merge plan, reading headers only."""
+         memory_per_worker: Union[int, str, None] = None, num_workers: Optional[int] = None,
+         storage_options: Optional[Mapping[str, Any]] = None) -> MergePlan:
+    """Validate the config and inputs and build the merge plan, reading headers only.
+
+    `storage_options` are fsspec options for remote URLs (endpoint_url, profile, anon, ...),
+    over the config's `storage:` section.
+    """
     return plan_merge(
-        _as_config(config),
+        _as_config(config, storage_options),
         shard_size=parse_size(shard_size),
         memory_per_worker=parse_size(memory_per_worker) if memory_per_worker else None,
         num_workers=num_workers or default_num_workers(),
@@ -63,24 +74,30 @@ def plan(config: Union[str, os.PathLike, MergeConfig], *, shard_size: Union[int,
 def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.PathLike], *,
           address: Optional[str] = None, num_workers: Optional[int] = None,
           shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, memory_per_worker: Union[int, str, None] = None,
-          overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1) -> MergeSummary:
+          overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
+          storage_options: Optional[Mapping[str, Any]] = None,
+          part_size: Union[int, str] = DEFAULT_PART_SIZE) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
     Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
     `address="auto"` or `"ray://host:10001"` the merge runs on that cluster. Everything is
     validated before any tensor data is read; on failure nothing that looks like a
-    finished checkpoint is left at `out_dir`.
+    finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
+    fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output.
     """
     import ray
 
     from distmerge.engine.driver import run_plan
-    from distmerge.engine.writer import ShardWriter
+    from distmerge.engine.writer import writer_class
 
     started = time.perf_counter()
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out = os.fspath(out_dir)
     workers = num_workers or default_num_workers()
-    merge_plan = plan(config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
-    prepare_destination(out_dir, overwrite)
+    merge_plan = plan(config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers,
+                      storage_options=storage_options)
+    dest = Destination(out, merge_plan.config.storage)
+    writer_cls = writer_class(dest.url)
+    dest.prepare(overwrite)
 
     largest_output = max(u.out_bytes for u in merge_plan.units)
     max_in_flight_bytes = max(2 * workers * largest_output, 256 * 2**20)
@@ -90,8 +107,8 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        writer = ray.remote(ShardWriter).options(num_cpus=0, scheduling_strategy=here).remote(
-            out_dir, merge_plan.layout)
+        writer = ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
+            dest.url, merge_plan.layout, merge_plan.config.storage, parse_size(part_size))
         bar = _progress_bar(merge_plan, progress)
         try:
             stats = run_plan(
@@ -109,9 +126,9 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
             if bar:
                 bar.close()
             ray.kill(writer)
-    commit_checkpoint(merge_plan, out_dir)
+    commit_checkpoint(merge_plan, dest)
     return MergeSummary(
-        out_dir=out_dir,
+        out_dir=dest.url,
         tensors=merge_plan.tensor_count,
         units=len(merge_plan.units),
         shards=len(merge_plan.layout.shards),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -29,14 +30,30 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                         "ranges (default: a quarter of this machine's memory shared by the workers, 256 MiB to 1 GiB)")
     p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
                    help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                   help='fsspec options for s3:// (or other remote) URLs, over the config\'s `storage:` '
+                        'section, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; default: the standard '
+                        "AWS environment and credential chain")
     if merging:
         p.add_argument("--address", metavar="ADDR",
                        help="Ray cluster to join: 'auto' (the cluster this machine belongs to) or "
                             "ray://HOST:10001; default: start a local Ray bound to 127.0.0.1")
         p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                        help="CPU threads (and Ray CPUs) each merge task uses (default: 1)")
+        p.add_argument("--part-size", default="64MiB", metavar="SIZE",
+                       help="multipart upload part size for s3:// output, at least 5MiB (default: 64MiB)")
         p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
         p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of fsspec options")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +92,8 @@ def _merge(args: argparse.Namespace) -> int:
     summary = merge(args.config, args.out, address=args.address, num_workers=args.num_workers,
                     shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
                     overwrite=args.overwrite, progress=not args.no_progress,
-                    threads_per_worker=args.threads_per_worker)
+                    threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
+                    part_size=args.part_size)
     print(summary.format())
     return 0
 
@@ -86,9 +104,9 @@ def _plan(args: argparse.Namespace) -> int:
     from distmerge.planner import format_plan
 
     merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
-                      num_workers=args.num_workers)
+                      num_workers=args.num_workers, storage_options=args.storage_options)
     print(format_plan(merge_plan, units=args.units))
-    if args.out and existing_checkpoint(args.out):
+    if args.out and existing_checkpoint(args.out, merge_plan.config.storage):
         print(f"warning: {args.out} already holds a checkpoint; `distmerge merge` needs --overwrite")
     return 0
 

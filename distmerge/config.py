@@ -19,10 +19,12 @@ import yaml
 
 from distmerge.errors import ConfigError
 from distmerge.io.dtypes import CONFIG_DTYPES
+from distmerge.io.storage import LOCAL, Storage, is_remote
 from distmerge.methods import METHODS, get_method
 from distmerge.methods.base import MergeMethod, ParameterSpec, ResolvedParams
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "storage"}
 UNSUPPORTED_KEYS = {
     "slices": "layer slices are not supported yet; list whole models under 'models'",
     "modules": "modules are not supported yet; list whole models under 'models'",
@@ -50,6 +52,7 @@ class MergeConfig:
     out_dtype: Optional[torch.dtype]
     text: str  # the YAML as given, for the model card
     source: str  # file name (or "<string>") for messages
+    storage: Storage = LOCAL  # fsspec options for remote URLs (the config's `storage:` section)
 
     @property
     def inputs(self) -> Tuple[ModelEntry, ...]:
@@ -88,6 +91,8 @@ def _parse_dtype(source: str, key: str, value: Any) -> Optional[torch.dtype]:
 
 
 def _resolve_path(ref: str, config_dir: str) -> str:
+    if is_remote(ref):
+        return ref.rstrip("/")
     path = os.path.expanduser(ref)
     if ref.startswith("file://"):
         path = ref[len("file://"):]
@@ -261,6 +266,9 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     if raw.get("tokenizer_source") not in (None, "base"):
         raise _fail(source, "tokenizer_source",
                     f"only 'base' is supported (the base model's tokenizer is copied), got {raw['tokenizer_source']!r}")
+    storage = raw.get("storage") or {}
+    if not isinstance(storage, dict):
+        raise _fail(source, "storage", "must be a mapping of fsspec options (endpoint_url, profile, anon, ...)")
     base = ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}) if method.uses_base else None
     return MergeConfig(
         method=method,
@@ -271,6 +279,7 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
         out_dtype=_parse_dtype(source, "out_dtype", raw.get("out_dtype")),
         text=text,
         source=source,
+        storage=Storage(storage),
     )
 
 

@@ -44,10 +44,11 @@ def default_memory_per_worker(num_workers: int) -> int:
 class SourceRange:
     """Bytes of one input for one piece: a contiguous range of a safetensors file."""
 
-    path: str
+    path: str  # local path or fsspec URL
     dtype: str
     start: int
     end: int
+    version: str = ""  # the file's ETag / mtime when planned
 
     @property
     def nbytes(self) -> int:
@@ -161,7 +162,7 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
                memory_per_worker: Optional[int] = None, num_workers: int = 1) -> MergePlan:
     """Read every input's headers and build the complete plan, or raise a clear error."""
     budget = memory_per_worker or default_memory_per_worker(num_workers)
-    checkpoints = tuple(open_checkpoint(m.ref, m.path) for m in config.inputs)
+    checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
     reference = checkpoints[0]
     method = config.method
     notes: List[str] = []
@@ -220,9 +221,9 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
             sources = tuple(
                 SourceRange(i.path, i.dtype,
                             i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
-                            i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize
-                            + elems * SAFETENSORS_TO_TORCH[i.dtype].itemsize)
-                for i in infos)
+                            i.start + (r0 * row_numel + elems) * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
+                            ckpt.versions.get(i.path, (0, ""))[1])
+                for i, ckpt in zip(infos, checkpoints))
             pieces.append(Piece(
                 meta=meta, sources=sources, group=name if scope == "tensor" else "<model>",
                 out_dtype=out_dtype, shard=shard,

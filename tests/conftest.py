@@ -38,3 +38,49 @@ def model_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+class S3Endpoint:
+    """moto's S3 server on 127.0.0.1 with a counting, fault-injecting proxy in front."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+        from s3util import S3Proxy, free_port
+
+        self.moto_port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
+        self.server.start()
+        self.proxy = S3Proxy(self.moto_port)
+        self.url = f"http://127.0.0.1:{self.proxy.port}"
+        self.options = {"endpoint_url": self.url, "key": "testing", "secret": "testing",
+                        "client_kwargs": {"region_name": "us-east-1"}}
+        self.direct = {**self.options, "endpoint_url": f"http://127.0.0.1:{self.moto_port}"}
+
+    def filesystem(self, direct: bool = True):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **(self.direct if direct else self.options))
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.direct["endpoint_url"], aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    endpoint = S3Endpoint()
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()

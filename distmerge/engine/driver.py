@@ -73,7 +73,7 @@ class Driver:
                     slot[(u, j)] = (gid, position)
             partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
             jobs = {
-                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.threads): u
+                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.plan.config.storage, self.threads): u
                 for u, unit_carries in by_unit.items()
             }
             for ref, (unit_partials, stats) in self._completed(jobs):
@@ -122,7 +122,7 @@ class Driver:
                     in_flight_bytes == 0 or in_flight_bytes + pending[0].out_bytes <= self.max_in_flight_bytes):
                 unit = pending.pop(0)
                 carries = self.unit_carries(unit, reduced)
-                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.threads)
+                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.plan.config.storage, self.threads)
                 computing[stats_ref] = (unit, data_ref)
                 in_flight_bytes += unit.out_bytes
             done, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)

@@ -16,11 +16,14 @@ from typing import Any, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from distmerge.io.reader import map_range
+from distmerge.io.dtypes import SAFETENSORS_TO_TORCH
+from distmerge.io.reader import local_version, map_range
+from distmerge.io.remote import changed_error, read_remote
+from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
 from distmerge.methods.base import PieceInputs, run_in_memory
-from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
+from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
 
 LOCAL = "local"  # carry marker: this piece's reduction group is the piece itself
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.
@@ -35,11 +38,23 @@ class WorkerStats:
     peak_rss: int
 
 
-def _load(piece: Piece, uses_base: bool) -> PieceInputs:
+def _read(source: SourceRange, storage: Storage, shape: Tuple[int, ...]) -> torch.Tensor:
+    if is_remote(source.path):
+        data = read_remote(storage, source.path, source.start, source.end, source.version)
+        if not data:
+            return torch.empty(shape, dtype=SAFETENSORS_TO_TORCH[source.dtype])
+        return torch.frombuffer(data, dtype=SAFETENSORS_TO_TORCH[source.dtype]).view(shape)
+    path = split_url(source.path)[1]
+    if source.version and local_version(path) != source.version:
+        raise changed_error(source.path)
+    return map_range(path, source.start, source.end, source.dtype, shape)
+
+
+def _load(piece: Piece, uses_base: bool, storage: Storage) -> PieceInputs:
     meta = piece.meta
     rows = meta.row_end - meta.row_start
     shape = (rows, *meta.shape[1:]) if meta.shape else ()
-    tensors = [map_range(s.path, s.start, s.end, s.dtype, shape).to(meta.dtype) for s in piece.sources]
+    tensors = [_read(s, storage, shape).to(meta.dtype) for s in piece.sources]
     if uses_base:
         return PieceInputs(meta, tensors[0], tuple(tensors[1:]))
     return PieceInputs(meta, None, tuple(tensors))
@@ -50,7 +65,7 @@ def _stats(started: float, read_bytes: int) -> WorkerStats:
 
 
 def collect_unit(unit: WorkUnit, method_name: str, pass_index: int, carries: Sequence[Any],
-                 threads: int = 1) -> Tuple[List[Any], WorkerStats]:
+                 storage: Storage, threads: int = 1) -> Tuple[List[Any], WorkerStats]:
     """Statistics pass `pass_index` over the pieces of `unit` whose carry is not None."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -61,7 +76,7 @@ def collect_unit(unit: WorkUnit, method_name: str, pass_index: int, carries: Seq
         if carry is None:
             partials.append(None)
             continue
-        inputs = _load(piece, method.uses_base)
+        inputs = _load(piece, method.uses_base, storage)
         read += sum(s.nbytes for s in piece.sources)
         partials.append(method.collect(pass_index, inputs, carry))
         del inputs
@@ -90,7 +105,8 @@ def _rows_per_sub_piece(meta) -> int:
     return max(granule, rows - rows % granule)
 
 
-def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], threads: int = 1) -> Tuple[WorkerStats, np.ndarray]:
+def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage: Storage,
+               threads: int = 1) -> Tuple[WorkerStats, np.ndarray]:
     """Merge every piece of `unit`; return stats and the output bytes (pieces in order).
 
     A piece whose reduction group lies wholly in it (carry LOCAL) runs the whole
@@ -104,7 +120,7 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], threads
     position = 0
     read = 0
     for piece, carry in zip(unit.pieces, carries):
-        inputs = _load(piece, method.uses_base)
+        inputs = _load(piece, method.uses_base, storage)
         read += sum(s.nbytes for s in piece.sources)
         if isinstance(carry, str) and carry == LOCAL:
             results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta)))

@@ -14,14 +14,13 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from distmerge.errors import MergeFailed
-from distmerge.io.layout import OutputLayout
+from distmerge.io.layout import PARTIAL_SUFFIX, OutputLayout
 from distmerge.memory import peak_rss
 
-PARTIAL_SUFFIX = ".partial"
 
 
 class ShardWriter:
-    def __init__(self, out_dir: str, layout: OutputLayout) -> None:
+    def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0) -> None:
         self.out_dir = out_dir
         self.layout = layout
         self.fds: List[int] = []
@@ -74,3 +73,16 @@ class ShardWriter:
 
     def peak_rss(self) -> int:
         return peak_rss()
+
+
+def writer_class(out: str):
+    """The writer for a destination: positional writes locally, multipart uploads on S3."""
+    from distmerge.io.storage import is_remote, split_url
+
+    if not is_remote(out):
+        return ShardWriter
+    if split_url(out)[0] == "s3":
+        from distmerge.io.multipart import MultipartShardWriter
+
+        return MultipartShardWriter
+    raise MergeFailed(f"{out}: writing to {split_url(out)[0]}:// is not supported (local paths and s3:// are)")

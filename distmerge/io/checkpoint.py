@@ -1,13 +1,19 @@
-"""Open a model directory by its headers: which tensors it has and where their bytes are."""
+"""Open a model by its headers: which tensors it has and where their bytes are.
+
+A model is a directory (local path or fsspec URL such as s3://bucket/prefix) holding
+`model.safetensors.index.json` + shards, or a single `model.safetensors`. Only the
+index and the shard headers are read. Each file's size and version (ETag or mtime) are
+recorded, so a worker can refuse to mix versions if a file changes mid-merge.
+"""
 
 import json
-import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from distmerge.errors import InputError
-from distmerge.io.header import TensorInfo, read_header_from_path
+from distmerge.io.header import TensorInfo, read_header
+from distmerge.io.storage import LOCAL, Storage, is_remote, join, split_url
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -22,66 +28,138 @@ class Checkpoint:
     path: str
     tensors: Dict[str, TensorInfo] = field(repr=False)
     files: List[str] = field(repr=False)
+    versions: Dict[str, Tuple[int, str]] = field(repr=False, default_factory=dict)  # file -> (size, version)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _shard_names_from_index(index_path: str) -> Dict[str, str]:
+def file_version(info: dict) -> str:
+    """What identifies one version of a file: ETag (object stores) or mtime (local)."""
+    for key in ("ETag", "etag", "VersionId", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return ""
+
+
+def storage_error(url: str, err: BaseException) -> InputError:
+    """A clear InputError for a failed storage call on `url` (no secrets in it)."""
+    protocol, path = split_url(url)
+    if isinstance(err, FileNotFoundError):
+        if protocol == "s3" and "bucket" in str(err).lower():
+            return InputError(f"{url}: bucket {path.split('/')[0]!r} does not exist")
+        return InputError(f"{url}: does not exist")
+    if isinstance(err, PermissionError):
+        return InputError(f"{url}: access denied (check the credentials or storage options)")
+    return InputError(f"{url}: cannot read ({type(err).__name__}: {err})")
+
+
+class ModelFiles:
+    """Metadata reads of one model's files through fsspec (local or remote)."""
+
+    def __init__(self, root: str, storage: Storage) -> None:
+        self.root = root
+        self.fs = storage.filesystem(root)
+
+    def url(self, name: str) -> str:
+        return join(self.root, name)
+
+    def _path(self, url: str) -> str:
+        return split_url(url)[1] if not is_remote(url) else url
+
+    def info(self, url: str) -> dict:
+        try:
+            return self.fs.info(self._path(url))
+        except Exception as err:  # noqa: BLE001 - mapped to a clear error
+            raise storage_error(url, err) from None
+
+    def exists(self, url: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._path(url)))
+        except FileNotFoundError:
+            return False
+        except Exception as err:  # noqa: BLE001
+            raise storage_error(url, err) from None
+
+    def read(self, url: str, start=None, end=None) -> bytes:
+        try:
+            return self.fs.cat_file(self._path(url), start=start, end=end)
+        except Exception as err:  # noqa: BLE001
+            raise storage_error(url, err) from None
+
+    def list_names(self) -> List[str]:
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._path(self.root), detail=False))
+        except FileNotFoundError:
+            return []
+        except Exception as err:  # noqa: BLE001
+            raise storage_error(self.root, err) from None
+
+
+def _shard_names_from_index(index_url: str, raw: bytes) -> Dict[str, str]:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{index_path}: cannot read the index ({err})") from None
+        index = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{index_url}: cannot read the index ({err})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise InputError(f"{index_path}: the index has no 'weight_map' object")
+        raise InputError(f"{index_url}: the index has no 'weight_map' object")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise InputError(f"{index_path}: weight_map[{name!r}] must be a file name")
+            raise InputError(f"{index_url}: weight_map[{name!r}] must be a file name")
         normalized = posixpath.normpath(shard)
-        if (os.path.isabs(shard) or shard.startswith(("/", "\\")) or "://" in shard
-                or normalized.startswith("..") or "\\" in shard):
+        if (shard.startswith(("/", "\\")) or "://" in shard or normalized.startswith("..")
+                or "\\" in shard or (len(shard) > 1 and shard[1] == ":")):
             raise InputError(
-                f"{index_path}: weight_map[{name!r}] = {shard!r} points outside the model directory; "
+                f"{index_url}: weight_map[{name!r}] = {shard!r} points outside the model directory; "
                 "shard names must be relative paths inside it")
     return weight_map
 
 
-def open_checkpoint(ref: str, path: str) -> Checkpoint:
-    """Read the index and shard headers of the model at `path` (config reference `ref`)."""
-    if not os.path.isdir(path):
-        hint = ""
-        if "/" in ref and not ref.startswith((".", "/")) and not os.path.exists(path):
-            hint = (" (Hugging Face hub names are not downloaded; fetch the model first, e.g. "
-                    "`huggingface-cli download NAME --local-dir DIR`, and use the directory)")
-        raise InputError(f"model {ref!r}: directory {path} does not exist{hint}")
-    index_path = os.path.join(path, INDEX_NAME)
-    single_path = os.path.join(path, SINGLE_NAME)
-    if os.path.exists(index_path):
-        weight_map = _shard_names_from_index(index_path)
-        files = sorted(set(weight_map.values()))
+def _read_shard(files: ModelFiles, url: str) -> Tuple[Dict[str, TensorInfo], Tuple[int, str]]:
+    info = files.info(url)
+    size = int(info.get("size") or 0)
+    return read_header(lambda a, b: files.read(url, a, b), url, size), (size, file_version(info))
+
+
+def open_checkpoint(ref: str, location: str, storage: Storage = LOCAL) -> Checkpoint:
+    """Read the index and shard headers of the model at `location` (config reference `ref`)."""
+    files = ModelFiles(location, storage)
+    index_url, single_url = files.url(INDEX_NAME), files.url(SINGLE_NAME)
+    versions: Dict[str, Tuple[int, str]] = {}
+    if files.exists(index_url):
+        weight_map = _shard_names_from_index(index_url, files.read(index_url))
+        shard_names = sorted(set(weight_map.values()))
         tensors: Dict[str, TensorInfo] = {}
-        for shard in files:
-            shard_path = os.path.join(path, shard)
-            if not os.path.isfile(shard_path):
-                raise InputError(f"{index_path}: names shard {shard!r}, which does not exist")
-            for name, info in read_header_from_path(shard_path).items():
+        for shard in shard_names:
+            shard_url = files.url(shard)
+            if not files.exists(shard_url):
+                raise InputError(f"{index_url}: names shard {shard!r}, which does not exist")
+            header, versions[shard_url] = _read_shard(files, shard_url)
+            for name, info in header.items():
                 if weight_map.get(name) == shard:
                     tensors[name] = info
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise InputError(
-                f"{index_path}: tensor {missing[0]!r} is listed in weight_map under "
+                f"{index_url}: tensor {missing[0]!r} is listed in weight_map under "
                 f"{weight_map[missing[0]]!r} but that shard's header does not contain it")
-        return Checkpoint(ref, path, tensors, [os.path.join(path, s) for s in files])
-    if os.path.exists(single_path):
-        return Checkpoint(ref, path, read_header_from_path(single_path), [single_path])
-    pickles = sorted(n for n in os.listdir(path) if n.endswith(PICKLE_SUFFIXES))
+        return Checkpoint(ref, location, tensors, [files.url(s) for s in shard_names], versions)
+    if files.exists(single_url):
+        header, versions[single_url] = _read_shard(files, single_url)
+        return Checkpoint(ref, location, header, [single_url], versions)
+    names = files.list_names()
+    if not names and not files.exists(location):
+        hint = ""
+        if not is_remote(location) and "/" in ref and not ref.startswith((".", "/", "~")):
+            hint = (" (Hugging Face hub names are not downloaded; fetch the model first, e.g. "
+                    "`huggingface-cli download NAME --local-dir DIR`, and use the directory)")
+        raise InputError(f"model {ref!r}: {location} does not exist{hint}")
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise InputError(
-            f"model {ref!r}: {path} holds only pickle checkpoints ({', '.join(pickles[:3])}); "
+            f"model {ref!r}: {location} holds only pickle checkpoints ({', '.join(pickles[:3])}); "
             "distmerge never unpickles files. Convert them to safetensors first "
             "(e.g. load with transformers and save_pretrained(..., safe_serialization=True)).")
-    raise InputError(f"model {ref!r}: {path} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+    raise InputError(f"model {ref!r}: {location} has neither {INDEX_NAME} nor {SINGLE_NAME}")

@@ -1,21 +1,25 @@
-"""The destination directory: refuse to clobber a checkpoint, and commit the finished one.
+"""The destination (a local directory or an fsspec prefix such as s3://bucket/out):
+refuse to clobber a checkpoint, and commit the finished one.
 
-A finished checkpoint is recognised by its index. It is written last, after the
-shards have their final names and the companion files (config, tokenizer, model card)
-are in place; a directory without it is visibly incomplete.
+A finished checkpoint is recognised by its index. It is written last, after the shards
+are complete under their final names and the companion files (config, tokenizer,
+model card) are in place; a destination without it is visibly incomplete.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-from typing import Optional
+import posixpath
+from typing import List, Optional
+
+import yaml
 
 from distmerge.errors import OutputError
+from distmerge.io.checkpoint import ModelFiles
 from distmerge.io.dtypes import TORCH_DTYPE_NAMES
-from distmerge.io.layout import INDEX_NAME
+from distmerge.io.layout import INDEX_NAME, PARTIAL_SUFFIX
+from distmerge.io.storage import Storage, is_remote, join, split_url
 from distmerge.planner import MergePlan
 
 COMPANION_FILES = (
@@ -25,32 +29,87 @@ COMPANION_FILES = (
 )
 
 
-def existing_checkpoint(out_dir: str) -> list:
-    """Files in `out_dir` that make it look like a checkpoint (index first)."""
-    index = os.path.join(out_dir, INDEX_NAME)
-    return ([index] if os.path.exists(index) else []) + sorted(glob.glob(os.path.join(out_dir, "*.safetensors")))
+class Destination:
+    """File operations on the output location, local or remote."""
 
+    def __init__(self, url: str, storage: Storage) -> None:
+        self.url = url.rstrip("/") if is_remote(url) else os.path.abspath(url)
+        self.remote = is_remote(url)
+        self.storage = storage
+        self.fs = storage.filesystem(self.url) if self.remote else None
 
-def prepare_destination(out_dir: str, overwrite: bool) -> None:
-    """Create `out_dir`, or refuse if it already holds a checkpoint (unless overwrite)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"output {out_dir} exists and is not a directory")
-    existing = existing_checkpoint(out_dir)
-    if existing and not overwrite:
-        raise OutputError(f"output {out_dir} already holds a checkpoint ({os.path.basename(existing[0])}); "
-                          "pass --overwrite (overwrite=True) to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-    # Drop the index first, so a half-removed checkpoint never looks finished.
-    for path in existing + sorted(glob.glob(os.path.join(out_dir, "*.safetensors.partial"))):
+    def path(self, name: str) -> str:
+        return join(self.url, name)
+
+    def names(self) -> List[str]:
+        if not self.remote:
+            return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
         try:
-            os.remove(path)
+            return sorted(posixpath.basename(p) for p in self.fs.ls(self.url, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    def existing_checkpoint(self) -> List[str]:
+        """Names that make the destination look like a checkpoint (index first)."""
+        names = self.names()
+        return ([INDEX_NAME] if INDEX_NAME in names else []) + [n for n in names if n.endswith(".safetensors")]
+
+    def remove(self, name: str) -> None:
+        try:
+            if self.remote:
+                self.fs.rm_file(self.path(name))
+            else:
+                os.remove(self.path(name))
         except FileNotFoundError:
             pass
+
+    def write(self, name: str, data: bytes) -> None:
+        if self.remote:
+            self.fs.pipe_file(self.path(name), data)
+            return
+        tmp = self.path(name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(name))
+
+    def prepare(self, overwrite: bool) -> None:
+        """Refuse a destination holding a checkpoint unless `overwrite`; clear leftovers."""
+        if not self.remote and os.path.exists(self.url) and not os.path.isdir(self.url):
+            raise OutputError(f"output {self.url} exists and is not a directory")
+        existing = self.existing_checkpoint()
+        if existing and not overwrite:
+            raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
+                              "pass --overwrite (overwrite=True) to replace it")
+        if not self.remote:
+            os.makedirs(self.url, exist_ok=True)
+        # The index goes first, so a half-removed checkpoint never looks finished.
+        for name in existing + [n for n in self.names() if n.endswith(PARTIAL_SUFFIX)]:
+            self.remove(name)
+        if self.remote and split_url(self.url)[0] == "s3":
+            from distmerge.io.multipart import abort_uploads_under
+
+            abort_uploads_under(self.fs, self.url)
+
+
+def existing_checkpoint(out: str, storage: Storage) -> List[str]:
+    return Destination(out, storage).existing_checkpoint()
 
 
 def _output_dtype_name(plan: MergePlan) -> Optional[str]:
     dtypes = {p.out_dtype for u in plan.units for p in u.pieces}
     return TORCH_DTYPE_NAMES[dtypes.pop()] if len(dtypes) == 1 else None
+
+
+def card_config_text(plan: MergePlan) -> str:
+    """The config as written, unless its storage section holds secrets: then redacted."""
+    cfg = plan.config
+    if cfg.storage.redacted() == dict(cfg.storage.options):
+        return cfg.text.rstrip()
+    raw = yaml.safe_load(cfg.text)
+    raw["storage"] = cfg.storage.redacted()
+    return yaml.safe_dump(raw, sort_keys=False).rstrip()
 
 
 def model_card(plan: MergePlan) -> str:
@@ -64,34 +123,26 @@ def model_card(plan: MergePlan) -> str:
     if cfg.base is not None:
         lines += [f"Base model: `{cfg.base.ref}`", ""]
     lines += ["Models merged:", ""] + [f"- `{m.ref}`" for m in cfg.models]
-    lines += ["", "## Configuration", "", "The merge configuration:", "", "```yaml", cfg.text.rstrip(), "```", ""]
+    lines += ["", "## Configuration", "", "The merge configuration:", "", "```yaml", card_config_text(plan),
+              "```", ""]
     return "\n".join(lines)
 
 
-def commit_checkpoint(plan: MergePlan, out_dir: str) -> None:
+def commit_checkpoint(plan: MergePlan, dest: Destination) -> None:
     """Write config.json, tokenizer files and the model card, then the index (last)."""
-    source = plan.checkpoints[0].path
-    config_path = os.path.join(source, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            model_config = json.load(f)
+    source = ModelFiles(plan.checkpoints[0].path, plan.config.storage)
+    config_url = source.url("config.json")
+    if source.exists(config_url):
+        model_config = json.loads(source.read(config_url))
         dtype_name = _output_dtype_name(plan)
         if dtype_name:
             model_config["torch_dtype"] = dtype_name
             if "dtype" in model_config:
                 model_config["dtype"] = dtype_name
-        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(model_config, f, indent=2)
-            f.write("\n")
+        dest.write("config.json", (json.dumps(model_config, indent=2) + "\n").encode())
     for name in COMPANION_FILES:
-        path = os.path.join(source, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(plan))
-    tmp = os.path.join(out_dir, INDEX_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(plan.layout.index_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(out_dir, INDEX_NAME))
+        url = source.url(name)
+        if source.exists(url):
+            dest.write(name, source.read(url))
+    dest.write("README.md", model_card(plan).encode())
+    dest.write(INDEX_NAME, plan.layout.index_json().encode())

@@ -9,7 +9,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 from distmerge.errors import InputError
 from distmerge.io.dtypes import ELEMENT_SIZE
@@ -37,9 +37,12 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(f: BinaryIO, path: str, file_size: int) -> Dict[str, TensorInfo]:
-    """Read the header of an open safetensors file; raise InputError naming `path` if broken."""
-    prefix = f.read(8)
+def read_header(read_range: Callable[[int, int], bytes], path: str, file_size: int) -> Dict[str, TensorInfo]:
+    """Parse the header of a safetensors file through `read_range(start, end)`; reads only its bytes.
+
+    Raises InputError naming `path` if the header is broken.
+    """
+    prefix = read_range(0, 8) if file_size >= 8 else b""
     if len(prefix) != 8:
         raise InputError(f"{path}: truncated safetensors file ({file_size} bytes, header length missing)")
     (header_len,) = struct.unpack("<Q", prefix)
@@ -47,7 +50,7 @@ def read_header(f: BinaryIO, path: str, file_size: int) -> Dict[str, TensorInfo]
         raise InputError(f"{path}: safetensors header is {header_len} bytes, over the {MAX_HEADER_BYTES} limit")
     if 8 + header_len > file_size:
         raise InputError(f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)")
-    raw = f.read(header_len)
+    raw = read_range(8, 8 + header_len)
     if len(raw) != header_len:
         raise InputError(f"{path}: truncated safetensors header")
     try:
@@ -87,14 +90,3 @@ def parse_entries(header: dict, path: str, data_start: int, file_size: int) -> D
         if s1 < e0:
             raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer")
     return tensors
-
-
-def read_header_from_path(path: str) -> Dict[str, TensorInfo]:
-    import os
-
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            return read_header(f, path, size)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None

@@ -31,6 +31,6 @@ def map_range(path: str, start: int, end: int, dtype: str, shape: Tuple[int, ...
     return flat.view(torch_dtype).view(shape)
 
 
-def file_identity(path: str) -> Tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def local_version(path: str) -> str:
+    """The version string fsspec's local filesystem reports (mtime), for change checks."""
+    return str(os.stat(path).st_mtime)

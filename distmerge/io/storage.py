@@ -1,0 +1,76 @@
+"""Where bytes live: local paths, or fsspec URLs (s3://, ...), shipped to workers as a recipe.
+
+A `Storage` is a protocol-independent recipe: the fsspec keyword arguments (endpoint URL,
+profile, region, anon, ...) to use for remote URLs. Workers rebuild their filesystem from
+it (one per process), never receiving a live client. Secrets in it are never printed:
+`redacted()` is what logs, errors and plans show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+               "password", "session_token", "secret_access_key", "access_key_id"}
+_FILESYSTEMS: Dict[Tuple[str, str], Any] = {}
+
+
+def split_url(url: str) -> Tuple[str, str]:
+    """("s3", "bucket/key") for "s3://bucket/key"; ("file", "/abs/path") for local paths."""
+    if "://" in url:
+        protocol, rest = url.split("://", 1)
+        if protocol in ("file", "local"):
+            return "file", rest
+        return protocol, rest
+    return "file", url
+
+
+def is_remote(url: str) -> bool:
+    return split_url(url)[0] != "file"
+
+
+def join(url: str, *parts: str) -> str:
+    if is_remote(url):
+        return "/".join([url.rstrip("/"), *parts])
+    return os.path.join(url, *parts)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: ("***" if k.lower() in SECRET_KEYS else _redact(v)) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Storage:
+    """fsspec options for remote URLs; empty means the standard AWS environment/credential chain."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        return json.dumps(self.options, sort_keys=True, default=str)
+
+    def redacted(self) -> Dict[str, Any]:
+        return _redact(dict(self.options))
+
+    def filesystem(self, url: str):
+        """The fsspec filesystem for `url` (cached per process and options)."""
+        protocol, _ = split_url(url)
+        cache_key = (protocol, self.key())
+        if cache_key not in _FILESYSTEMS:
+            import fsspec
+
+            options = dict(self.options) if protocol != "file" else {}
+            if protocol == "s3":
+                options.setdefault("default_block_size", 8 * 2**20)
+            _FILESYSTEMS[cache_key] = fsspec.filesystem(protocol, **options)
+        return _FILESYSTEMS[cache_key]
+
+    def merged(self, extra: Optional[Mapping[str, Any]]) -> "Storage":
+        return Storage({**self.options, **(extra or {})})
+
+
+LOCAL = Storage()

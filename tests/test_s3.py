@@ -1,0 +1,191 @@
+"""Object storage over the real S3 protocol (moto's server on 127.0.0.1): inputs read by
+byte ranges, outputs written as multipart uploads, bit-identical to local merges."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import torch
+
+import distmerge
+from distmerge.errors import InputError, MergeFailed
+from distmerge.synthetic import LlamaShape, ties_config
+from helpers import shard_bytes, write_yaml
+from s3util import error_xml
+
+
+def _bucket(s3) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def _upload(s3, paths, bucket):
+    fs = s3.filesystem()
+    urls = []
+    for p in paths:
+        url = f"s3://{bucket}/models/{os.path.basename(p)}"
+        for name in os.listdir(p):
+            fs.put_file(os.path.join(p, name), f"{url}/{name}")
+        urls.append(url)
+    return urls
+
+
+def _download_shards(s3, url, local):
+    fs = s3.filesystem()
+    os.makedirs(local, exist_ok=True)
+    for path in fs.ls(url, detail=False, refresh=True):
+        fs.get_file(path, os.path.join(local, os.path.basename(path)))
+    return shard_bytes(local)
+
+
+@pytest.fixture(scope="module")
+def s3_models(s3, model_factory):
+    paths = model_factory(torch.bfloat16, max_shard_bytes=120_000)
+    bucket = _bucket(s3)
+    return paths, _upload(s3, paths, bucket), bucket
+
+
+def _config(tmp_path, model_urls, name="merge.yml"):
+    return write_yaml(str(tmp_path / name), ties_config(model_urls, densities=(0.3, 0.5, 0.7)))
+
+
+def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_path):
+    paths, urls, bucket = s3_models
+    local_cfg, s3_cfg = _config(tmp_path, paths, "local.yml"), _config(tmp_path, urls, "s3.yml")
+    opts = dict(storage_options=s3.options, shard_size="100KB", num_workers=2, memory_per_worker=256 * 1024)
+    distmerge.merge(local_cfg, str(tmp_path / "local"), **opts)
+    expected = shard_bytes(str(tmp_path / "local"))
+    assert len(expected) > 2
+
+    distmerge.merge(s3_cfg, str(tmp_path / "from-s3"), **opts)
+    assert shard_bytes(str(tmp_path / "from-s3")) == expected
+    for name, cfg in (("to-s3", local_cfg), ("s3-to-s3", s3_cfg)):
+        out = f"s3://{bucket}/out/{name}"
+        distmerge.merge(cfg, out, **opts)
+        files = s3.filesystem().ls(out, detail=False, refresh=True)
+        assert any(f.endswith("README.md") for f in files) and any(f.endswith("config.json") for f in files)
+        assert _download_shards(s3, out, str(tmp_path / name)) == expected
+    assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_bytes_fetched_match_the_plan(ray_local, s3, s3_models, tmp_path):
+    _, urls, _ = s3_models
+    cfg = _config(tmp_path, urls)
+    plan = distmerge.plan(cfg, storage_options=s3.options)
+    needed = sum(plan.read_bytes_by_input())
+    s3.proxy.reset()
+    distmerge.plan(cfg, storage_options=s3.options)
+    headers_only = s3.proxy.get_bytes
+    assert headers_only < 0.05 * needed  # planning reads headers and indexes, not tensors
+    s3.proxy.reset()
+    distmerge.merge(cfg, str(tmp_path / "out"), storage_options=s3.options, num_workers=2)
+    fetched = s3.proxy.get_bytes
+    assert needed <= fetched <= needed * 1.02 + 2 * headers_only + 64 * 1024
+
+
+def test_multipart_shard_of_several_parts(ray_local, s3, model_factory, tmp_path):
+    shape = LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=4096)
+    paths = model_factory(torch.float32, shape=shape)  # ~26 MB per model: a shard of 5+ parts
+    bucket = _bucket(s3)
+    cfg = write_yaml(str(tmp_path / "m.yml"), ties_config(paths, dtype="float32"))
+    distmerge.merge(cfg, str(tmp_path / "local"), num_workers=2)
+    out = f"s3://{bucket}/big"
+    s3.proxy.reset()
+    distmerge.merge(cfg, out, storage_options=s3.options, part_size="5MiB", num_workers=2)
+    parts = [p for m, p in s3.proxy.requests if m == "PUT" and "partNumber=" in p]
+    assert len(parts) >= 4
+    assert _download_shards(s3, out, str(tmp_path / "dl")) == shard_bytes(str(tmp_path / "local"))
+    assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_failed_upload_leaves_no_parts_and_no_index(ray_local, s3, model_factory, tmp_path):
+    shape = LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=4096)
+    paths = model_factory(torch.float32, shape=shape)
+    bucket = _bucket(s3)
+    cfg = write_yaml(str(tmp_path / "m.yml"), ties_config(paths, dtype="float32"))
+    seen = []
+
+    def fail_third_part(method, path, headers):
+        if method == "PUT" and "partNumber=" in path:
+            seen.append(path)
+            if len(seen) >= 3:
+                return 400, error_xml("InvalidRequest", "injected failure")
+        return None
+
+    s3.proxy.fault = fail_third_part
+    try:
+        with pytest.raises((MergeFailed, OSError, Exception)):
+            distmerge.merge(cfg, f"s3://{bucket}/failed", storage_options=s3.options, part_size="5MiB",
+                            num_workers=2)
+    finally:
+        s3.proxy.fault = None
+    assert len(seen) >= 3
+    assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix="failed/").get("Contents", [])
+    assert not [o["Key"] for o in listed if o["Key"].endswith((".json", ".safetensors"))]
+
+
+def test_input_changed_mid_merge_is_refused(ray_local, s3, model_factory, tmp_path):
+    paths = model_factory(torch.bfloat16)
+    bucket = _bucket(s3)
+    urls = _upload(s3, paths, bucket)
+    cfg = write_yaml(str(tmp_path / "m.yml"), ties_config(urls))
+    target = f"/{bucket}/models/ft2/model.safetensors"
+    replaced = []
+
+    def replace_after_first_read(method, path, headers):
+        if method == "GET" and path.startswith(target) and "Range" in headers and not replaced:
+            data = s3.client().get_object(Bucket=bucket, Key="models/ft2/model.safetensors")["Body"].read()
+            s3.client().put_object(Bucket=bucket, Key="models/ft2/model.safetensors", Body=data + b"")
+            s3.client().put_object(Bucket=bucket, Key="models/ft2/model.safetensors",
+                                   Body=data[:-2] + bytes([data[-2] ^ 1, data[-1]]))
+            replaced.append(True)
+        return None
+
+    s3.proxy.fault = replace_after_first_read
+    try:
+        with pytest.raises(MergeFailed, match="changed since the merge was planned"):
+            distmerge.merge(cfg, str(tmp_path / "out"), storage_options=s3.options, num_workers=1,
+                            memory_per_worker=32 * 1024)
+    finally:
+        s3.proxy.fault = None
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_planning_errors_name_the_object(s3, s3_models, tmp_path):
+    _, urls, bucket = s3_models
+    missing_bucket = [urls[0].replace(bucket, "no-such-bucket-x")] + urls[1:]
+    with pytest.raises(InputError, match="no-such-bucket-x"):
+        distmerge.plan(_config(tmp_path, missing_bucket), storage_options=s3.options)
+    missing_object = urls[:2] + [f"s3://{bucket}/models/nothing-here"]
+    with pytest.raises(InputError, match="models/nothing-here.*does not exist"):
+        distmerge.plan(_config(tmp_path, missing_object), storage_options=s3.options)
+
+    def deny(method, path, headers):
+        if "Credential=denied/" in headers.get("Authorization", ""):
+            return 403, error_xml("AccessDenied", "Access Denied")
+        return None
+
+    s3.proxy.fault = deny
+    try:
+        with pytest.raises(InputError, match="access denied") as info:
+            distmerge.plan(_config(tmp_path, urls), storage_options={**s3.options, "key": "denied",
+                                                                    "secret": "hunter2-secret"})
+    finally:
+        s3.proxy.fault = None
+    assert "hunter2-secret" not in str(info.value)
+
+
+def test_secrets_stay_out_of_the_model_card(ray_local, s3, s3_models, tmp_path):
+    _, urls, bucket = s3_models
+    cfg = ties_config(urls)
+    cfg["storage"] = {**s3.options, "secret": "testing"}
+    path = write_yaml(str(tmp_path / "m.yml"), cfg)
+    out = f"s3://{bucket}/out/card"
+    distmerge.merge(path, out, num_workers=1)
+    card = s3.filesystem().cat_file(f"{out}/README.md").decode()
+    assert "secret: '***'" in card and "testing" not in card.split("storage:")[1].split("key:")[0] + "x"
+    assert "endpoint_url" in card
