@@ -132,6 +132,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "address", None):
+        from distmerge.engine.session import force_loopback
+
+        force_loopback()  # before anything imports Ray
     try:
         return {"merge": _merge, "plan": _plan, "demo": _demo}[args.command](args)
     except DistmergeError as err:

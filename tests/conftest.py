@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from distmerge.synthetic import LlamaShape, make_models
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from distmerge.engine.session import force_loopback
+
+force_loopback()
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,7 @@ def ray_local():
     """A real Ray instance bound to 127.0.0.1, shared by the whole test session."""
     import ray
 
+    force_loopback()
     ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
              _node_ip_address="127.0.0.1", logging_level="WARNING", configure_logging=True)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import struct
@@ -128,3 +129,20 @@ def test_demo_command_runs_a_real_ties_merge(tmp_path):
     base = load_checkpoint(str(tmp_path / "models" / "base"))
     changed = sum((merged[n] != base[n]).sum().item() for n in merged)
     assert changed > 0.3 * sum(t.numel() for t in merged.values())
+
+
+def test_ray_listens_on_loopback_only(ray_local, config_path, tmp_path):
+    """Every listening socket of this process and its children (Ray's) is on 127.0.0.1."""
+    import psutil
+
+    distmerge.merge(config_path, str(tmp_path / "out"), num_workers=2)
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "expected Ray's servers among the listeners"
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+    elsewhere = [(c.laddr.ip, c.laddr.port, c.pid) for c in listening if not loopback(c.laddr.ip)]
+    assert not elsewhere

@@ -1,0 +1,471 @@
+"""S3 -> S3 merge throughput against the raw read throughput of the same objects from the same server.
+
+Starts moto's S3 server in this process on 127.0.0.1 (a free port; loopback only), makes a
+synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each at
+`--shape medium`, 10 MB at `--shape small`), uploads them to a bucket with s3fs, then:
+
+1. raw read: every input object (weights, indexes, configs) read whole with s3fs, once with
+   one `fs.cat` of all of them (concurrent GETs; the headline figure) and once with
+   `fs.cat_file` one object at a time. Each is run `--raw-reads` times; the best counts.
+2. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
+   0.5, bf16) over the models on local disk, output to local disk.
+3. s3 -> s3 merge: the config over the s3:// models, output to s3://BUCKET/out/...
+
+Both merges run as a user would run them, as subprocesses,
+
+    distmerge merge CONFIG OUT [--storage-options JSON] --num-workers 2 --no-progress --overwrite
+
+each starting its own loopback Ray (whose start and stop are part of the wall time). Merge
+throughput = the input bytes the plan needs (`plan(...).read_bytes_by_input()`, summed;
+statistics passes included) / the subprocess's wall time; distmerge's own summary line
+(bytes read, seconds) is reported next to it. The ratio is merge / raw.
+
+Finally the s3 output (shards, index, config.json, ...) is downloaded and compared byte
+for byte with the local output: shards and index must be identical. README.md, the model
+card, quotes the config and so names the inputs by path or URL; it is compared for
+information only.
+
+Caveat: moto is a Python server sharing this machine's cores with Ray, the workers and
+this process, so the server itself is often the bottleneck; the merge/raw ratio is
+pessimistic for real S3, where the server side costs the client nothing.
+
+Generated models are kept under --work and reused by later runs with the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import psutil
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402 - bench/ is not a package; the scripts run from anywhere
+    Result, console_script, format_bytes, input_files, make_or_reuse_models, read_files, run_measured,
+)
+from distmerge.sizes import parse_size  # noqa: E402
+from distmerge.synthetic import LlamaShape, ties_config  # noqa: E402
+
+SHAPES = {
+    # ~4.8M parameters, ~10 MB per model in bf16: a smoke test.
+    "small": (LlamaShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=2, vocab=4096), 4 * 10**6),
+    # ~62M parameters, ~125 MB per model in bf16, as three ~50 MB input shards.
+    "medium": (LlamaShape(hidden=768, intermediate=2048, layers=6, heads=12, kv_heads=4, vocab=16000), 50 * 10**6),
+}
+WEIGHTS = (0.5, 0.3, 0.2)
+DENSITIES = (0.5, 0.5, 0.5)
+DTYPE = "bfloat16"
+BUCKET = "distmerge-bench"
+CREDENTIALS = {"key": "testing", "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
+MUST_MATCH = (".safetensors", "model.safetensors.index.json", "config.json")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=os.path.join(here, "work", "s3"), metavar="DIR",
+                   help="models, configs and outputs go here (default: bench/work/s3, git-ignored)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="medium",
+                   help="medium: ~125 MB per model; small: ~10 MB per model, a smoke test (default: medium)")
+    p.add_argument("--num-workers", type=int, default=2, metavar="N", help="distmerge --num-workers (default: 2)")
+    p.add_argument("--raw-reads", type=int, default=2, metavar="N",
+                   help="times each raw read is repeated; the best counts (default: 2)")
+    p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    return p.parse_args(argv)
+
+
+# --- the S3 server --------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server in this process on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_filesystem(options: dict):
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **options)
+
+
+def upload(fs, model_dirs: List[str], bucket: str) -> Tuple[List[str], int, float]:
+    """Put every file of the checkpoints under s3://bucket/models/NAME/; (model URLs, bytes, seconds)."""
+    urls, total = [], 0
+    started = time.perf_counter()
+    for directory in model_dirs:
+        url = f"s3://{bucket}/models/{os.path.basename(directory)}"
+        for path in input_files([directory]):
+            fs.put_file(path, f"{url}/{os.path.basename(path)}")
+            total += os.path.getsize(path)
+        urls.append(url)
+    return urls, total, time.perf_counter() - started
+
+
+def object_urls(fs, model_urls: List[str]) -> List[str]:
+    return sorted(p for url in model_urls for p in fs.ls(url, detail=False, refresh=True))
+
+
+def raw_read(fs, urls: List[str], concurrent: bool) -> Tuple[int, float]:
+    """Read every object whole: one `fs.cat` of all (concurrent) or `fs.cat_file` each in turn."""
+    started = time.perf_counter()
+    if concurrent:
+        data = fs.cat(urls)
+        total = sum(len(v) for v in data.values())
+        if len(data) != len(urls):
+            raise RuntimeError(f"cat returned {len(data)} objects of {len(urls)}")
+        del data
+    else:
+        total = 0
+        for url in urls:
+            total += len(fs.cat_file(url))
+    return total, time.perf_counter() - started
+
+
+def plan_reads(merge_plan) -> List[Tuple[str, int, int, str]]:
+    """The plan's input reads, (url, start, end, version), in unit order, repeated for statistics passes."""
+    return [read for unit in merge_plan.units for read in plan_reads_of_unit(merge_plan, unit)]
+
+
+def ranged_gets(reads: List[Tuple[str, int, int, str]]) -> List[Tuple[str, int, int]]:
+    """The GETs those reads become: each range cut at distmerge's chunk size (read_remote's `_chunks`)."""
+    from distmerge.io.remote import CHUNK_BYTES
+
+    return [(url, a, min(end, a + CHUNK_BYTES)) for url, start, end, _ in reads
+            for a in range(start, end, CHUNK_BYTES)]
+
+
+def replay_cat_ranges(fs, gets: List[Tuple[str, int, int]]) -> Tuple[int, float]:
+    """The merge's GETs, issued all at once through s3fs `cat_ranges` (s3fs's own concurrency)."""
+    started = time.perf_counter()
+    data = fs.cat_ranges([g[0] for g in gets], [g[1] for g in gets], [g[2] for g in gets])
+    total = sum(len(d) for d in data)
+    seconds = time.perf_counter() - started
+    del data
+    return total, seconds
+
+
+def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, float]:
+    """distmerge's own read path (`read_remote`, IfMatch and all) without Ray or compute: the units
+    dealt round-robin to `workers` threads, each reading its pieces' sources in turn as a worker does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distmerge.io.remote import read_remote
+    from distmerge.io.storage import Storage
+
+    storage = Storage(options)
+    units = list(merge_plan.units)
+
+    def run(share) -> int:
+        total = 0
+        for unit in share:
+            for url, start, end, version in plan_reads_of_unit(merge_plan, unit):
+                total += len(read_remote(storage, url, start, end, version))
+        return total
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        total = sum(pool.map(run, [units[i::workers] for i in range(workers)]))
+    return total, time.perf_counter() - started
+
+
+def plan_reads_of_unit(merge_plan, unit) -> List[Tuple[str, int, int, str]]:
+    reads = []
+    for piece in unit.pieces:
+        group = merge_plan.groups[piece.group]
+        times = 1 + (group.statistics.passes if group.distributed else 0)
+        for _ in range(times):
+            reads += [(src.path, src.start, src.end, src.version) for src in piece.sources]
+    return reads
+
+
+# --- running and checking the merges ---------------------------------------------------------------------
+
+SUMMARY = re.compile(r"read (?P<read>[\d.]+ \w+), wrote (?P<wrote>[\d.]+ \w+) in (?P<seconds>[\d.]+) s")
+
+
+def parse_summary(tail: str) -> Optional[Dict[str, float]]:
+    """distmerge's own 'read X, wrote Y in Z s' line: bytes (to the 0.01 unit printed) and seconds."""
+    found = None
+    for line in tail.splitlines():
+        m = SUMMARY.search(line)
+        if m:
+            found = {"line": line.strip(), "read_bytes": parse_size(m["read"]), "written_bytes": parse_size(m["wrote"]),
+                     "seconds": float(m["seconds"])}
+    return found
+
+
+def run_merge(name: str, cmd: List[str]) -> Result:
+    print(f"[{name}] load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"[{name}] $ {shlex.join(cmd)}", flush=True)
+    result = run_measured(cmd, env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
+                          interval=0.5)
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+    print(f"[{name}] {status} in {result.wall_s:.1f} s", flush=True)
+    if result.returncode != 0:
+        print(f"[{name}] output tail:\n{result.stdout_tail}", flush=True)
+    return result
+
+
+def download(fs, url: str, local: str) -> List[str]:
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local)
+    names = []
+    for path in fs.ls(url, detail=False, refresh=True):
+        name = os.path.basename(path)
+        fs.get_file(path, os.path.join(local, name))
+        names.append(name)
+    return sorted(names)
+
+
+def compare_dirs(local: str, downloaded: str) -> Dict[str, object]:
+    """Byte-for-byte comparison of every file; `ok` covers shards, index and config.json."""
+    a, b = set(os.listdir(local)), set(os.listdir(downloaded))
+    identical, differing = [], []
+    for name in sorted(a & b):
+        (identical if filecmp.cmp(os.path.join(local, name), os.path.join(downloaded, name), shallow=False)
+         else differing).append(name)
+    must = [n for n in a | b if n.endswith(MUST_MATCH)]
+    problems = [f"{n}: only in the local output" for n in sorted(a - b) if n.endswith(MUST_MATCH)]
+    problems += [f"{n}: only in the s3 output" for n in sorted(b - a) if n.endswith(MUST_MATCH)]
+    problems += [f"{n}: bytes differ" for n in differing if n.endswith(MUST_MATCH)]
+    shards = [n for n in identical if n.endswith(".safetensors")]
+    return {"ok": not problems and bool(shards), "identical": identical, "differing": differing,
+            "only_local": sorted(a - b), "only_s3": sorted(b - a), "checked": sorted(must), "problems": problems,
+            "shard_bytes": sum(os.path.getsize(os.path.join(local, n)) for n in shards)}
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+def rate(nbytes: float, seconds: float) -> str:
+    return f"{format_bytes(nbytes / seconds)}/s" if seconds else "-"
+
+
+def format_table(rows: List[Tuple[str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"  {a.ljust(widths[0])}  {b.rjust(widths[1])}  {c}".rstrip() for a, b, c in rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    shape, shard_bytes = SHAPES[args.shape]
+    root = os.path.abspath(os.path.join(args.work, args.shape))
+    os.makedirs(root, exist_ok=True)
+
+    started = time.perf_counter()
+    paths, reused = make_or_reuse_models(os.path.join(root, "models"), shape, fine_tunes=3, dtype=torch.bfloat16,
+                                         max_shard_bytes=shard_bytes)
+    files = input_files(paths)
+    input_bytes = sum(os.path.getsize(f) for f in files)
+    print(f"models: {len(paths)} x {format_bytes(input_bytes / len(paths))} under {os.path.dirname(paths[0])} "
+          f"({'reused' if reused else f'written in {time.perf_counter() - started:.1f} s'})", flush=True)
+
+    local_cfg = os.path.join(root, "local.yml")
+    with open(local_cfg, "w", encoding="utf-8") as f:
+        yaml.safe_dump(ties_config(paths, weights=WEIGHTS, densities=DENSITIES, dtype=DTYPE), f, sort_keys=False)
+    distmerge_cmd = console_script("distmerge", "distmerge.cli")
+    common_flags = ["--num-workers", str(args.num_workers), "--no-progress", "--overwrite"]
+    out_local = os.path.join(root, "out-local")
+    out_downloaded = os.path.join(root, "out-s3-downloaded")
+
+    results: Dict[str, object] = {"shape": args.shape, "num_workers": args.num_workers}
+    with moto_s3() as endpoint:
+        options = {"endpoint_url": endpoint, **CREDENTIALS}
+        fs = s3_filesystem(options)
+        # Not fs.mkdir: s3fs sends a LocationConstraint, which us-east-1 (and moto) refuse.
+        fs.call_s3("create_bucket", Bucket=BUCKET)
+        model_urls, up_bytes, up_s = upload(fs, paths, BUCKET)
+        print(f"moto S3 at {endpoint}: uploaded {format_bytes(up_bytes)} in {up_s:.1f} s "
+              f"({rate(up_bytes, up_s)})", flush=True)
+        s3_cfg = os.path.join(root, "s3.yml")
+        with open(s3_cfg, "w", encoding="utf-8") as f:
+            yaml.safe_dump(ties_config(model_urls, weights=WEIGHTS, densities=DENSITIES, dtype=DTYPE), f,
+                           sort_keys=False)
+
+        import distmerge
+
+        s3_plan = distmerge.plan(s3_cfg, storage_options=options, num_workers=args.num_workers)
+        needed = sum(s3_plan.read_bytes_by_input())
+        needed_local = sum(distmerge.plan(local_cfg, num_workers=args.num_workers).read_bytes_by_input())
+        if needed != needed_local:
+            print(f"warning: the plans differ in bytes needed: s3 {needed}, local {needed_local}")
+
+        objects = object_urls(fs, model_urls)
+        raw: Dict[str, List[Tuple[int, float]]] = {"cat": [], "cat_file": []}
+        for _ in range(max(1, args.raw_reads)):
+            for kind in raw:
+                nbytes, seconds = raw_read(fs, objects, concurrent=kind == "cat")
+                raw[kind].append((nbytes, seconds))
+                print(f"raw read, {kind:8}: {format_bytes(nbytes)} of {len(objects)} objects in {seconds:.2f} s "
+                      f"({rate(nbytes, seconds)})", flush=True)
+        best = {kind: min(runs, key=lambda r: r[1]) for kind, runs in raw.items()}
+
+        # The merge's own GETs against the same server, without Ray or compute.
+        gets = ranged_gets(plan_reads(s3_plan))
+        sizes = {("s3://" + info["name"]).rstrip("/"): info["size"]
+                 for url in model_urls for info in fs.ls(url, detail=True, refresh=True)}
+        served_whole = sum(sizes.get(url, 0) for url, _, _ in gets)
+        print(f"the merge's reads: {len(gets)} ranged GETs of {format_bytes(needed)} "
+              f"(mean {format_bytes(needed / max(1, len(gets)))}) on {len({g[0] for g in gets})} objects",
+              flush=True)
+        replays = {"cat_ranges": replay_cat_ranges(fs, gets),
+                   "read_remote": replay_read_remote(options, s3_plan, args.num_workers)}
+        for kind, (nbytes, seconds) in replays.items():
+            print(f"replay, {kind:11}: {format_bytes(nbytes)} in {seconds:.2f} s ({rate(nbytes, seconds)})", flush=True)
+
+        # What any distmerge run costs whatever its size (start Python, torch, Ray; stop Ray): a merge of
+        # tiny models (~100 KB each), local -> local.
+        tiny_paths, _ = make_or_reuse_models(os.path.join(os.path.abspath(args.work), "tiny", "models"),
+                                             LlamaShape(), fine_tunes=3, dtype=torch.bfloat16)
+        tiny_cfg = os.path.join(os.path.abspath(args.work), "tiny", "local.yml")
+        with open(tiny_cfg, "w", encoding="utf-8") as f:
+            yaml.safe_dump(ties_config(tiny_paths, weights=WEIGHTS, densities=DENSITIES, dtype=DTYPE), f,
+                           sort_keys=False)
+        tiny = run_merge("fixed cost: tiny models", distmerge_cmd + [
+            "merge", tiny_cfg, os.path.join(os.path.abspath(args.work), "tiny", "out")] + common_flags)
+        fixed_s = tiny.wall_s if tiny.returncode == 0 else 0.0
+
+        # The local inputs are warm in the page cache: they were just written, uploaded, or read here.
+        read_files(files)
+        shutil.rmtree(out_local, ignore_errors=True)
+        local = run_merge("local -> local", distmerge_cmd + ["merge", local_cfg, out_local] + common_flags)
+        out_s3 = f"s3://{BUCKET}/out/s3-to-s3"
+        s3 = run_merge("s3 -> s3", distmerge_cmd + ["merge", s3_cfg, out_s3, "--storage-options",
+                                                    json.dumps(options)] + common_flags)
+        comparison = None
+        leftover_uploads = None
+        if local.returncode == 0 and s3.returncode == 0:
+            download(fs, out_s3, out_downloaded)
+            comparison = compare_dirs(out_local, out_downloaded)
+            leftover_uploads = len(fs.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads", []))
+
+    # --- report -----------------------------------------------------------------------------------------
+    raw_bytes, raw_s = best["cat"]
+    raw_rate = raw_bytes / raw_s
+    s3_rate = needed / s3.wall_s if s3.returncode == 0 else None
+    local_rate = needed / local.wall_s if local.returncode == 0 else None
+    s3_summary = parse_summary(s3.stdout_tail) if s3.returncode == 0 else None
+    local_summary = parse_summary(local.stdout_tail) if local.returncode == 0 else None
+
+    vm = psutil.virtual_memory()
+    print()
+    print(f"=== s3 -> s3 TIES merge vs raw s3fs reads, {args.shape} shape: base + 3 fine-tunes, "
+          f"{format_bytes(input_bytes)} in {len(objects)} objects, bf16, weights {'/'.join(map(str, WEIGHTS))}, "
+          f"density {DENSITIES[0]}, --num-workers {args.num_workers} ===")
+    print(f"machine: {os.cpu_count()} CPUs, {format_bytes(vm.total)} RAM; python {platform.python_version()}; "
+          f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"bytes the plan reads (statistics passes included): {format_bytes(needed)}")
+    rows = [("", "", "")]
+    rows.append(("raw s3fs read, one cat of all objects", rate(raw_bytes, raw_s),
+                 f"{format_bytes(raw_bytes)} in {raw_s:.2f} s (best of {len(raw['cat'])})"))
+    rows.append(("raw s3fs read, cat_file one at a time", rate(*best["cat_file"]),
+                 f"{format_bytes(best['cat_file'][0])} in {best['cat_file'][1]:.2f} s "
+                 f"(best of {len(raw['cat_file'])})"))
+    rows.append(("the merge's GETs via s3fs cat_ranges", rate(*replays["cat_ranges"]),
+                 f"{len(gets)} ranged GETs (<= 8 MiB each) in {replays['cat_ranges'][1]:.2f} s, all at once"))
+    rows.append(("the merge's reads via distmerge read_remote", rate(*replays["read_remote"]),
+                 f"{args.num_workers} threads, no Ray, no compute, {replays['read_remote'][1]:.2f} s"))
+    if s3_rate:
+        rows.append(("s3 -> s3 merge throughput", f"{format_bytes(s3_rate)}/s",
+                     f"plan bytes / subprocess wall time"))
+        rows.append(("ratio merge / raw (cat of all)", f"{s3_rate / raw_rate:.2f}", ""))
+        rows.append(("ratio merge / the merge's GETs via cat_ranges",
+                     f"{s3_rate / (replays['cat_ranges'][0] / replays['cat_ranges'][1]):.2f}", ""))
+    else:
+        rows.append(("s3 -> s3 merge throughput", "FAILED", f"exit {s3.returncode}"))
+    if s3_rate and fixed_s and s3.wall_s > fixed_s:
+        net = needed / (s3.wall_s - fixed_s)
+        rows.append(("s3 -> s3 merge throughput, net of fixed cost", f"{format_bytes(net)}/s",
+                     f"plan bytes / (wall - {fixed_s:.1f} s, a tiny merge's wall time)"))
+        rows.append(("ratio merge (net) / raw (cat of all)", f"{net / raw_rate:.2f}", ""))
+    rows.append(("fixed cost: tiny merge wall time", f"{fixed_s:.1f} s" if fixed_s else "FAILED",
+                 "start Python, torch and Ray, merge ~100 KB models, stop Ray"))
+    rows.append(("local -> local wall time", f"{local.wall_s:.1f} s" if local.returncode == 0 else "FAILED",
+                 f"{format_bytes(local_rate)}/s of plan bytes" if local_rate else ""))
+    rows.append(("s3 -> s3 wall time", f"{s3.wall_s:.1f} s" if s3.returncode == 0 else "FAILED",
+                 f"{s3.wall_s - local.wall_s:+.1f} s over local -> local"
+                 if s3.returncode == 0 and local.returncode == 0 else ""))
+    if s3_summary:
+        rows.append(("s3 -> s3, distmerge's own summary", f"{s3_summary['seconds']:.1f} s",
+                     f"read {format_bytes(s3_summary['read_bytes'])} "
+                     f"({s3_summary['read_bytes'] / needed:.3f} x plan bytes), "
+                     f"{rate(s3_summary['read_bytes'], s3_summary['seconds'])}"))
+    if local_summary:
+        rows.append(("local -> local, distmerge's own summary", f"{local_summary['seconds']:.1f} s",
+                     f"read {format_bytes(local_summary['read_bytes'])}"))
+    rows.append(("peak RSS sum, s3 -> s3 process tree", format_bytes(s3.peak_rss_sum),
+                 f"local -> local: {format_bytes(local.peak_rss_sum)}"))
+    print(format_table(rows[1:]))
+    if comparison:
+        verdict = "BIT-IDENTICAL" if comparison["ok"] else "MISMATCH"
+        print(f"s3 output vs local output: {verdict} ({len([n for n in comparison['identical'] if n.endswith('.safetensors')])} "
+              f"shard(s), {format_bytes(comparison['shard_bytes'])}; identical files: "
+              f"{', '.join(comparison['identical'])}"
+              + (f"; differing: {', '.join(comparison['differing'])}" if comparison["differing"] else "") + ")")
+        for problem in comparison["problems"]:
+            print(f"  {problem}")
+        if comparison["differing"] == ["README.md"]:
+            print("  (README.md is the model card: it quotes the config, whose inputs are local paths in one and "
+                  "s3:// URLs in the other)")
+        print(f"unfinished multipart uploads left in the bucket: {leftover_uploads}")
+    print(f"note: moto answers a ranged GET by reading the whole object out of its store and slicing it, so the "
+          f"merge's {len(gets)} ranged GETs make moto read {format_bytes(served_whole)} "
+          f"({served_whole / max(1, needed):.1f} x the bytes served); real S3 has no such per-request cost.")
+    print("note: moto is a Python S3 server running in this benchmark's process, on the same "
+          f"{os.cpu_count()} cores as Ray and its workers; it serves (and, for the merge, also receives the "
+          "output) at a fraction of real S3's speed while taking CPU from the merge, so merge/raw here is "
+          "pessimistic for real S3. Both wall times include starting and stopping a local Ray.")
+
+    results.update({
+        "input_bytes": input_bytes, "objects": len(objects), "plan_read_bytes": needed,
+        "upload": {"bytes": up_bytes, "seconds": up_s},
+        "raw_reads": {k: [{"bytes": b, "seconds": s} for b, s in v] for k, v in raw.items()},
+        "raw_read_bytes_per_s": raw_rate,
+        "merge_gets": len(gets), "moto_whole_object_bytes_for_merge_gets": served_whole,
+        "replays": {k: {"bytes": b, "seconds": t} for k, (b, t) in replays.items()},
+        "s3_merge_bytes_per_s": s3_rate, "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
+        "fixed_cost_merge": tiny.to_json(), "fixed_cost_s": fixed_s,
+        "local_merge": local.to_json(), "s3_merge": s3.to_json(),
+        "local_summary": local_summary, "s3_summary": s3_summary,
+        "comparison": comparison, "leftover_multipart_uploads": leftover_uploads,
+    })
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"saved {args.json}")
+    ok = local.returncode == 0 and s3.returncode == 0 and comparison is not None and comparison["ok"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
