@@ -7,9 +7,14 @@ synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each 
 1. raw read: every input object (weights, indexes, configs) read whole with s3fs, once with
    one `fs.cat` of all of them (concurrent GETs; the headline figure) and once with
    `fs.cat_file` one object at a time. Each is run `--raw-reads` times; the best counts.
-2. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
-   0.5, bf16) over the models on local disk, output to local disk.
-3. s3 -> s3 merge: the config over the s3:// models, output to s3://BUCKET/out/...
+2. the merge's own reads against the same server, without Ray or compute: the plan's byte
+   ranges cut into the GETs distmerge issues (<= 8 MiB each), replayed once all at once with
+   s3fs `cat_ranges`, and once through distmerge's `read_remote` from --num-workers threads.
+   These separate the server's per-request cost from the merge's.
+3. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
+   0.5, bf16) over the models on local disk, output to local disk; before it, the same merge
+   of tiny (~100 KB) models, whose wall time is the fixed cost of any run.
+4. s3 -> s3 merge: the config over the s3:// models, output to s3://BUCKET/out/...
 
 Both merges run as a user would run them, as subprocesses,
 
@@ -18,7 +23,9 @@ Both merges run as a user would run them, as subprocesses,
 each starting its own loopback Ray (whose start and stop are part of the wall time). Merge
 throughput = the input bytes the plan needs (`plan(...).read_bytes_by_input()`, summed;
 statistics passes included) / the subprocess's wall time; distmerge's own summary line
-(bytes read, seconds) is reported next to it. The ratio is merge / raw.
+(bytes read, seconds) is reported next to it. The headline ratio is merge / raw (one cat of
+all inputs); the throughput net of the fixed cost (wall time minus the tiny merge's) is shown
+too, since at these sizes starting Ray is a large share of the wall time.
 
 Finally the s3 output (shards, index, config.json, ...) is downloaded and compared byte
 for byte with the local output: shards and index must be identical. README.md, the model
@@ -385,47 +392,51 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {os.cpu_count()} CPUs, {format_bytes(vm.total)} RAM; python {platform.python_version()}; "
           f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"bytes the plan reads (statistics passes included): {format_bytes(needed)}")
-    rows = [("", "", "")]
-    rows.append(("raw s3fs read, one cat of all objects", rate(raw_bytes, raw_s),
-                 f"{format_bytes(raw_bytes)} in {raw_s:.2f} s (best of {len(raw['cat'])})"))
-    rows.append(("raw s3fs read, cat_file one at a time", rate(*best["cat_file"]),
-                 f"{format_bytes(best['cat_file'][0])} in {best['cat_file'][1]:.2f} s "
-                 f"(best of {len(raw['cat_file'])})"))
-    rows.append(("the merge's GETs via s3fs cat_ranges", rate(*replays["cat_ranges"]),
-                 f"{len(gets)} ranged GETs (<= 8 MiB each) in {replays['cat_ranges'][1]:.2f} s, all at once"))
-    rows.append(("the merge's reads via distmerge read_remote", rate(*replays["read_remote"]),
-                 f"{args.num_workers} threads, no Ray, no compute, {replays['read_remote'][1]:.2f} s"))
+    ok_local, ok_s3 = local.returncode == 0, s3.returncode == 0
+    cat_ranges_rate = replays["cat_ranges"][0] / replays["cat_ranges"][1]
+    net = needed / (s3.wall_s - fixed_s) if ok_s3 and fixed_s and s3.wall_s > fixed_s else None
+    headline = [
+        ("raw s3fs read throughput (one cat of all inputs)", rate(raw_bytes, raw_s),
+         f"{format_bytes(raw_bytes)} in {raw_s:.2f} s, best of {len(raw['cat'])}"),
+        ("s3 -> s3 merge throughput", f"{format_bytes(s3_rate)}/s" if s3_rate else "FAILED",
+         "plan bytes / wall time of `distmerge merge`" if s3_rate else f"exit {s3.returncode}"),
+        ("ratio merge / raw", f"{s3_rate / raw_rate:.3f}" if s3_rate else "-", ""),
+        ("local -> local wall time", f"{local.wall_s:.1f} s" if ok_local else "FAILED",
+         f"{format_bytes(local_rate)}/s of plan bytes" if local_rate else f"exit {local.returncode}"),
+        ("s3 -> s3 wall time", f"{s3.wall_s:.1f} s" if ok_s3 else "FAILED",
+         f"{s3.wall_s - local.wall_s:+.1f} s over local -> local" if ok_s3 and ok_local else ""),
+    ]
+    print(format_table(headline))
+    print("details:")
+    details = [
+        ("raw s3fs read, cat_file one object at a time", rate(*best["cat_file"]),
+         f"{format_bytes(best['cat_file'][0])} in {best['cat_file'][1]:.2f} s, best of {len(raw['cat_file'])}"),
+        ("the merge's GETs replayed, s3fs cat_ranges", f"{format_bytes(cat_ranges_rate)}/s",
+         f"{len(gets)} ranged GETs (<= 8 MiB) at once, {replays['cat_ranges'][1]:.2f} s"),
+        ("the merge's reads replayed, distmerge read_remote", rate(*replays["read_remote"]),
+         f"{args.num_workers} threads, no Ray, no compute, {replays['read_remote'][1]:.2f} s"),
+    ]
     if s3_rate:
-        rows.append(("s3 -> s3 merge throughput", f"{format_bytes(s3_rate)}/s",
-                     f"plan bytes / subprocess wall time"))
-        rows.append(("ratio merge / raw (cat of all)", f"{s3_rate / raw_rate:.2f}", ""))
-        rows.append(("ratio merge / the merge's GETs via cat_ranges",
-                     f"{s3_rate / (replays['cat_ranges'][0] / replays['cat_ranges'][1]):.2f}", ""))
-    else:
-        rows.append(("s3 -> s3 merge throughput", "FAILED", f"exit {s3.returncode}"))
-    if s3_rate and fixed_s and s3.wall_s > fixed_s:
-        net = needed / (s3.wall_s - fixed_s)
-        rows.append(("s3 -> s3 merge throughput, net of fixed cost", f"{format_bytes(net)}/s",
-                     f"plan bytes / (wall - {fixed_s:.1f} s, a tiny merge's wall time)"))
-        rows.append(("ratio merge (net) / raw (cat of all)", f"{net / raw_rate:.2f}", ""))
-    rows.append(("fixed cost: tiny merge wall time", f"{fixed_s:.1f} s" if fixed_s else "FAILED",
-                 "start Python, torch and Ray, merge ~100 KB models, stop Ray"))
-    rows.append(("local -> local wall time", f"{local.wall_s:.1f} s" if local.returncode == 0 else "FAILED",
-                 f"{format_bytes(local_rate)}/s of plan bytes" if local_rate else ""))
-    rows.append(("s3 -> s3 wall time", f"{s3.wall_s:.1f} s" if s3.returncode == 0 else "FAILED",
-                 f"{s3.wall_s - local.wall_s:+.1f} s over local -> local"
-                 if s3.returncode == 0 and local.returncode == 0 else ""))
+        details.append(("ratio merge / the merge's GETs via cat_ranges", f"{s3_rate / cat_ranges_rate:.3f}", ""))
+    details.append(("fixed cost: wall time of a tiny merge", f"{fixed_s:.1f} s" if fixed_s else "FAILED",
+                    "start Python, torch, Ray; merge ~100 KB models; stop Ray"))
+    if net:
+        details.append(("s3 -> s3 merge throughput net of fixed cost", f"{format_bytes(net)}/s",
+                        f"plan bytes / (wall - {fixed_s:.1f} s); ratio to raw {net / raw_rate:.3f}"))
+    if ok_local and fixed_s and local.wall_s > fixed_s:
+        details.append(("local -> local throughput net of fixed cost",
+                        f"{format_bytes(needed / (local.wall_s - fixed_s))}/s", ""))
     if s3_summary:
-        rows.append(("s3 -> s3, distmerge's own summary", f"{s3_summary['seconds']:.1f} s",
-                     f"read {format_bytes(s3_summary['read_bytes'])} "
-                     f"({s3_summary['read_bytes'] / needed:.3f} x plan bytes), "
-                     f"{rate(s3_summary['read_bytes'], s3_summary['seconds'])}"))
+        details.append(("s3 -> s3, distmerge's own summary", f"{s3_summary['seconds']:.1f} s",
+                        f"read {format_bytes(s3_summary['read_bytes'])} "
+                        f"({s3_summary['read_bytes'] / needed:.3f} x plan bytes), "
+                        f"{rate(s3_summary['read_bytes'], s3_summary['seconds'])}"))
     if local_summary:
-        rows.append(("local -> local, distmerge's own summary", f"{local_summary['seconds']:.1f} s",
-                     f"read {format_bytes(local_summary['read_bytes'])}"))
-    rows.append(("peak RSS sum, s3 -> s3 process tree", format_bytes(s3.peak_rss_sum),
-                 f"local -> local: {format_bytes(local.peak_rss_sum)}"))
-    print(format_table(rows[1:]))
+        details.append(("local -> local, distmerge's own summary", f"{local_summary['seconds']:.1f} s",
+                        f"read {format_bytes(local_summary['read_bytes'])}"))
+    details.append(("peak RSS sum, s3 -> s3 process tree", format_bytes(s3.peak_rss_sum),
+                    f"local -> local: {format_bytes(local.peak_rss_sum)}"))
+    print(format_table(details))
     if comparison:
         verdict = "BIT-IDENTICAL" if comparison["ok"] else "MISMATCH"
         print(f"s3 output vs local output: {verdict} ({len([n for n in comparison['identical'] if n.endswith('.safetensors')])} "
@@ -453,7 +464,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "raw_read_bytes_per_s": raw_rate,
         "merge_gets": len(gets), "moto_whole_object_bytes_for_merge_gets": served_whole,
         "replays": {k: {"bytes": b, "seconds": t} for k, (b, t) in replays.items()},
-        "s3_merge_bytes_per_s": s3_rate, "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
+        "s3_merge_bytes_per_s": s3_rate, "s3_merge_net_bytes_per_s": net,
+        "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
         "fixed_cost_merge": tiny.to_json(), "fixed_cost_s": fixed_s,
         "local_merge": local.to_json(), "s3_merge": s3.to_json(),
         "local_summary": local_summary, "s3_summary": s3_summary,
