@@ -358,8 +358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(tiny_cfg, "w", encoding="utf-8") as f:
             yaml.safe_dump(ties_config(tiny_paths, weights=WEIGHTS, densities=DENSITIES, dtype=DTYPE), f,
                            sort_keys=False)
-        tiny = run_merge("fixed cost: tiny models", distmerge_cmd + [
-            "merge", tiny_cfg, os.path.join(os.path.abspath(args.work), "tiny", "out")] + common_flags)
+        # Twice, the faster counts: the first distmerge run of a session also pays for cold imports.
+        tiny_cmd = distmerge_cmd + ["merge", tiny_cfg, os.path.join(os.path.abspath(args.work), "tiny", "out")]
+        tinies = [run_merge(f"fixed cost: tiny models, run {i + 1}", tiny_cmd + common_flags) for i in range(2)]
+        tiny = min(tinies, key=lambda r: (r.returncode != 0, r.wall_s))
         fixed_s = tiny.wall_s if tiny.returncode == 0 else 0.0
 
         # The local inputs are warm in the page cache: they were just written, uploaded, or read here.
@@ -439,9 +441,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_table(details))
     if comparison:
         verdict = "BIT-IDENTICAL" if comparison["ok"] else "MISMATCH"
-        print(f"s3 output vs local output: {verdict} ({len([n for n in comparison['identical'] if n.endswith('.safetensors')])} "
-              f"shard(s), {format_bytes(comparison['shard_bytes'])}; identical files: "
-              f"{', '.join(comparison['identical'])}"
+        shards = [n for n in comparison["identical"] if n.endswith(".safetensors")]
+        print(f"s3 output vs local output: {verdict} ({len(shards)} shard(s), "
+              f"{format_bytes(comparison['shard_bytes'])}; identical files: {', '.join(comparison['identical'])}"
               + (f"; differing: {', '.join(comparison['differing'])}" if comparison["differing"] else "") + ")")
         for problem in comparison["problems"]:
             print(f"  {problem}")
@@ -466,7 +468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "replays": {k: {"bytes": b, "seconds": t} for k, (b, t) in replays.items()},
         "s3_merge_bytes_per_s": s3_rate, "s3_merge_net_bytes_per_s": net,
         "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
-        "fixed_cost_merge": tiny.to_json(), "fixed_cost_s": fixed_s,
+        "fixed_cost_merges": [r.to_json() for r in tinies], "fixed_cost_s": fixed_s,
         "local_merge": local.to_json(), "s3_merge": s3.to_json(),
         "local_summary": local_summary, "s3_summary": s3_summary,
         "comparison": comparison, "leftover_multipart_uploads": leftover_uploads,
