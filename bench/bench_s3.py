@@ -9,7 +9,7 @@ synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each 
    `fs.cat_file` one object at a time. Each is run `--raw-reads` times; the best counts.
 2. the merge's own reads against the same server, without Ray or compute: the plan's byte
    ranges cut into the GETs distmerge issues (<= 8 MiB each), replayed once all at once with
-   s3fs `cat_ranges`, and once through distmerge's `read_remote` from --num-workers threads.
+   s3fs `cat_ranges`, and once through distmerge's `read_remote_many` from --num-workers threads.
    These separate the server's per-request cost from the merge's.
 3. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
    0.5, bf16) over the models on local disk, output to local disk; before it, the same merge
@@ -165,7 +165,7 @@ def plan_reads(merge_plan) -> List[Tuple[str, int, int, str]]:
 
 
 def ranged_gets(reads: List[Tuple[str, int, int, str]]) -> List[Tuple[str, int, int]]:
-    """The GETs those reads become: each range cut at distmerge's chunk size (read_remote's `_chunks`)."""
+    """The GETs those reads become: each range cut at distmerge's chunk size (distmerge.io.remote's `_chunks`)."""
     from distmerge.io.remote import CHUNK_BYTES
 
     return [(url, a, min(end, a + CHUNK_BYTES)) for url, start, end, _ in reads
@@ -183,11 +183,11 @@ def replay_cat_ranges(fs, gets: List[Tuple[str, int, int]]) -> Tuple[int, float]
 
 
 def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, float]:
-    """distmerge's own read path (`read_remote`, IfMatch and all) without Ray or compute: the units
-    dealt round-robin to `workers` threads, each reading its pieces' sources in turn as a worker does."""
+    """distmerge's own read path (`read_remote_many`, IfMatch and all) without Ray or compute: the
+    units dealt round-robin to `workers` threads, each fetching a unit's ranges together as a worker does."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from distmerge.io.remote import read_remote
+    from distmerge.io.remote import read_remote_many
     from distmerge.io.storage import Storage
 
     storage = Storage(options)
@@ -196,8 +196,7 @@ def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, fl
     def run(share) -> int:
         total = 0
         for unit in share:
-            for url, start, end, version in plan_reads_of_unit(merge_plan, unit):
-                total += len(read_remote(storage, url, start, end, version))
+            total += sum(len(b) for b in read_remote_many(storage, list(plan_reads_of_unit(merge_plan, unit))))
         return total
 
     started = time.perf_counter()
@@ -415,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
          f"{format_bytes(best['cat_file'][0])} in {best['cat_file'][1]:.2f} s, best of {len(raw['cat_file'])}"),
         ("the merge's GETs replayed, s3fs cat_ranges", f"{format_bytes(cat_ranges_rate)}/s",
          f"{len(gets)} ranged GETs (<= 8 MiB) at once, {replays['cat_ranges'][1]:.2f} s"),
-        ("the merge's reads replayed, distmerge read_remote", rate(*replays["read_remote"]),
+        ("the merge's reads replayed, distmerge read_remote_many", rate(*replays["read_remote"]),
          f"{args.num_workers} threads, no Ray, no compute, {replays['read_remote'][1]:.2f} s"),
     ]
     if s3_rate:

@@ -18,12 +18,12 @@ import torch
 
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH
 from distmerge.io.reader import local_version, map_range
-from distmerge.io.remote import changed_error, read_remote
+from distmerge.io.remote import changed_error, read_remote_many
 from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
 from distmerge.methods.base import PieceInputs, run_in_memory
-from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
+from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
 
 LOCAL = "local"  # carry marker: this piece's reduction group is the piece itself
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.
@@ -38,23 +38,25 @@ class WorkerStats:
     peak_rss: int
 
 
-def _read(source: SourceRange, storage: Storage, shape: Tuple[int, ...]) -> torch.Tensor:
-    if is_remote(source.path):
-        data = read_remote(storage, source.path, source.start, source.end, source.version)
-        if not data:
-            return torch.empty(shape, dtype=SAFETENSORS_TO_TORCH[source.dtype])
-        return torch.frombuffer(data, dtype=SAFETENSORS_TO_TORCH[source.dtype]).view(shape)
-    path = split_url(source.path)[1]
-    if source.version and local_version(path) != source.version:
-        raise changed_error(source.path)
-    return map_range(path, source.start, source.end, source.dtype, shape)
-
-
 def _load(piece: Piece, uses_base: bool, storage: Storage) -> PieceInputs:
+    """The piece's rows of every input: remote ranges fetched concurrently, local ones mapped."""
     meta = piece.meta
     rows = meta.row_end - meta.row_start
     shape = (rows, *meta.shape[1:]) if meta.shape else ()
-    tensors = [_read(s, storage, shape).to(meta.dtype) for s in piece.sources]
+    remote = [s for s in piece.sources if is_remote(s.path)]
+    fetched = iter(read_remote_many(storage, [(s.path, s.start, s.end, s.version) for s in remote]))
+    tensors = []
+    for source in piece.sources:
+        dtype = SAFETENSORS_TO_TORCH[source.dtype]
+        if is_remote(source.path):
+            data = next(fetched)
+            tensor = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
+        else:
+            path = split_url(source.path)[1]
+            if source.version and local_version(path) != source.version:
+                raise changed_error(source.path)
+            tensor = map_range(path, source.start, source.end, source.dtype, shape)
+        tensors.append(tensor.to(meta.dtype))
     if uses_base:
         return PieceInputs(meta, tensors[0], tuple(tensors[1:]))
     return PieceInputs(meta, None, tuple(tensors))

@@ -9,7 +9,7 @@ version checked before and after. Reads land in one preallocated buffer.
 from __future__ import annotations
 
 import asyncio
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 from distmerge.errors import InputError
 from distmerge.io.storage import Storage, split_url
@@ -27,12 +27,11 @@ def changed_error(url: str) -> InputError:
                       "re-run the merge on a stable input")
 
 
-async def _s3_read(fs, url: str, start: int, end: int, etag: str, buffer: bytearray) -> None:
-    bucket, key, _ = fs.split_path(url)
+async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, bytearray]]) -> None:
+    """Fetch every (url, start, end, etag, buffer) request with bounded concurrent GETs."""
     limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
-    view = memoryview(buffer)
 
-    async def one(a: int, b: int) -> None:
+    async def one(url: str, bucket: str, key: str, etag: str, view: memoryview, offset: int, a: int, b: int):
         async with limit:
             kwargs = dict(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")
             if etag:
@@ -49,28 +48,45 @@ async def _s3_read(fs, url: str, start: int, end: int, etag: str, buffer: bytear
                 raise
             if len(data) != b - a:
                 raise InputError(f"{url}: short read at bytes {a}-{b} ({len(data)} of {b - a})")
-            view[a - start:b - start] = data
+            view[a - offset:b - offset] = data
 
-    await asyncio.gather(*(one(a, b) for a, b in _chunks(start, end)))
+    jobs = []
+    for url, start, end, etag, buffer in requests:
+        bucket, key, _ = fs.split_path(url)
+        view = memoryview(buffer)
+        jobs += [one(url, bucket, key, etag, view, start, a, b) for a, b in _chunks(start, end)]
+    await asyncio.gather(*jobs)
 
 
-def read_remote(storage: Storage, url: str, start: int, end: int, version: str) -> bytearray:
-    """Bytes [start, end) of the object at `url`, as of `version` (ETag/mtime from the plan)."""
+def read_remote_many(storage: Storage, requests: Sequence[Tuple[str, int, int, str]]) -> List[bytearray]:
+    """Bytes [start, end) of each (url, start, end, version), fetched concurrently.
+
+    `version` is the ETag (or mtime) recorded when the merge was planned.
+    """
+    buffers = [bytearray(end - start) for _, start, end, _ in requests]
+    s3_requests = [(u, a, b, v, buf) for (u, a, b, v), buf in zip(requests, buffers)
+                   if b > a and split_url(u)[0] == "s3"]
+    if s3_requests:
+        from fsspec.asyn import sync
+
+        fs = storage.filesystem(s3_requests[0][0])
+        sync(fs.loop, _s3_read, fs, s3_requests)
+    for (url, start, end, version), buffer in zip(requests, buffers):
+        if end > start and split_url(url)[0] != "s3":
+            buffer[:] = _read_generic(storage, url, start, end, version)
+    return buffers
+
+
+def _read_generic(storage: Storage, url: str, start: int, end: int, version: str) -> bytearray:
+    """Any other fsspec protocol: its own concurrent cat_ranges, version checked around it."""
     from distmerge.io.checkpoint import file_version
 
     fs = storage.filesystem(url)
-    buffer = bytearray(end - start)
-    if end == start:
-        return buffer
-    if split_url(url)[0] == "s3":
-        from fsspec.asyn import sync
-
-        sync(fs.loop, _s3_read, fs, url, start, end, version, buffer)
-        return buffer
     if version and file_version(fs.info(url)) != version:
         raise changed_error(url)
     ranges = _chunks(start, end)
     parts = fs.cat_ranges([url] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+    buffer = bytearray(end - start)
     for (a, b), data in zip(ranges, parts):
         buffer[a - start:b - start] = data
     if version and file_version(fs.info(url)) != version:
