@@ -46,9 +46,7 @@ import math
 import os
 import platform
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -61,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402 - bench/ is not a package; the scripts run from anywhere
     ProcessTreeSampler, _short_name, console_script, format_bytes, input_files, make_or_reuse_models, read_files,
+    run_with_sampler,
 )
 import distmerge  # noqa: E402
 from distmerge.planner import MergePlan  # noqa: E402
@@ -223,25 +222,12 @@ def run_sampled(cmd: Sequence[str], interval: float, tail_chars: int = 4000
     Returns (wall seconds, exit status, output tail, peak tree RSS, peak tree PSS, samples,
     per-process peaks with roles).
     """
-    with tempfile.TemporaryFile(mode="w+b") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
-        sampler = NamingSampler(proc.pid, interval).start()
-        try:
-            returncode = proc.wait()
-        finally:
-            wall = time.perf_counter() - started
-            sampler.stop()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        log.seek(0, os.SEEK_END)
-        log.seek(max(0, log.tell() - tail_chars))
-        tail = log.read().decode("utf-8", errors="replace")
+    wall, returncode, tail, sampler, root = run_with_sampler(cmd, NamingSampler, interval=interval,
+                                                             tail_chars=tail_chars)
     peaks = []
     for pid, peak in sampler.per_process.items():
         names = sampler.names.get(pid, {peak.name})
-        peaks.append(ProcessPeak(pid, _role(pid, proc.pid, names), peak.name, sorted(names), peak.rss, peak.pss))
+        peaks.append(ProcessPeak(pid, _role(pid, root, names), peak.name, sorted(names), peak.rss, peak.pss))
     peaks.sort(key=lambda p: p.rss, reverse=True)
     return wall, returncode, tail, sampler.peak_rss_sum, sampler.peak_pss_sum, sampler.samples, peaks
 

@@ -188,14 +188,17 @@ class Result:
         return asdict(self)
 
 
-def run_measured(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, *,
-                 interval: float = 0.2, tail_chars: int = 4000) -> Result:
-    """Run `cmd` (stdout and stderr together, into a temporary file) under a ProcessTreeSampler."""
+def run_with_sampler(cmd: Sequence[str], sampler_class: type = None, env: Optional[Mapping[str, str]] = None, *,
+                     interval: float = 0.2, tail_chars: int = 4000):
+    """Run `cmd` (stdout and stderr together, into a temporary file) under a sampler.
+
+    Returns (wall seconds, exit status, output tail, the stopped sampler, the child's pid).
+    """
     full_env = dict(os.environ, **(env or {}))
     with tempfile.TemporaryFile(mode="w+b") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        sampler = ProcessTreeSampler(proc.pid, interval).start()
+        sampler = (sampler_class or ProcessTreeSampler)(proc.pid, interval).start()
         try:
             returncode = proc.wait()
         finally:
@@ -207,6 +210,13 @@ def run_measured(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, *,
         log.seek(0, os.SEEK_END)
         log.seek(max(0, log.tell() - tail_chars))
         tail = log.read().decode("utf-8", errors="replace")
+    return wall, returncode, tail, sampler, proc.pid
+
+
+def run_measured(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None, *,
+                 interval: float = 0.2, tail_chars: int = 4000) -> Result:
+    """Run `cmd` under a ProcessTreeSampler and summarise it as a Result."""
+    wall, returncode, tail, sampler, _ = run_with_sampler(cmd, env=env, interval=interval, tail_chars=tail_chars)
     return Result(
         cmd=list(cmd), wall_s=wall, peak_rss_sum=sampler.peak_rss_sum, peak_pss_sum=sampler.peak_pss_sum,
         returncode=returncode, stdout_tail=tail,

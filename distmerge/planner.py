@@ -7,7 +7,6 @@ output bytes depend on nothing else (not on worker count or scheduling).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 

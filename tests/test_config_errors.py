@@ -127,20 +127,16 @@ def test_missing_tensor(tmp_path, paths):
     _expect(tmp_path, cfg, InputError, "model.layers.1.mlp.up_proj.weight", broken)
 
 
-def test_shape_mismatch(tmp_path, paths):
+@pytest.mark.parametrize("replacement, fragments", [
+    (torch.ones(65, dtype=torch.bfloat16), ("model.norm.weight", "[65]", "[64]")),
+    (torch.ones(64, dtype=torch.int64), ("model.norm.weight", "I64", "floating-point")),
+], ids=["shape-mismatch", "non-float"])
+def test_bad_tensor_in_one_input(tmp_path, paths, replacement, fragments):
     broken = _copy_model(paths[1], tmp_path / "broken")
-    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(65, dtype=torch.bfloat16)}))
+    _rewrite(broken, lambda t: t.update({"model.norm.weight": replacement}))
     cfg = ties(paths)
     cfg["models"][0]["model"] = broken
-    _expect(tmp_path, cfg, InputError, "model.norm.weight", "[65]", "[64]")
-
-
-def test_non_float_tensor(tmp_path, paths):
-    broken = _copy_model(paths[1], tmp_path / "broken")
-    _rewrite(broken, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
-    cfg = ties(paths)
-    cfg["models"][0]["model"] = broken
-    _expect(tmp_path, cfg, InputError, "model.norm.weight", "I64", "floating-point")
+    _expect(tmp_path, cfg, InputError, *fragments)
 
 
 def test_pickle_checkpoint_is_refused(tmp_path, paths):

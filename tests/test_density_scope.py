@@ -9,7 +9,7 @@ import torch
 
 import distmerge
 from distmerge.methods import topk
-from distmerge.synthetic import LlamaShape, ties_config
+from distmerge.synthetic import ties_config
 from helpers import bits, load_checkpoint, write_yaml
 
 NORMS = {f"model.layers.{i}.{n}": torch.float32 for i in range(3)
