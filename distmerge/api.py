@@ -126,7 +126,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
             if bar:
                 bar.close()
             ray.kill(writer)
-    commit_checkpoint(merge_plan, dest)
+    commit_checkpoint(merge_plan, dest, written["checksums"], written["checksum_algorithm"])
     return MergeSummary(
         out_dir=dest.url,
         tensors=merge_plan.tensor_count,

@@ -18,6 +18,7 @@ examples:
   distmerge plan merge.yml ./out                 validate and show the plan (reads headers only)
   distmerge merge merge.yml ./out                merge on a local Ray started on 127.0.0.1
   distmerge merge merge.yml ./out --address auto --shard-size 10GB
+  distmerge verify ./out --against ./other       check a checkpoint; compare it bit for bit
 """
 
 
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every work unit: its tensors or row range, bytes, peak memory estimate")
     _add_run_options(p, merging=False)
 
+    p = sub.add_parser("verify", help="check a merged checkpoint (and optionally compare it with another)",
+                       description="Check OUT's index against its shards: every tensor present, offsets and sizes "
+                                   "consistent, headers valid, total_size right, the checksums the merge recorded. "
+                                   "With --against, also compare every tensor bit for bit. Exit status 0 on pass.")
+    p.add_argument("out", metavar="OUT", help="checkpoint directory or URL")
+    p.add_argument("--against", metavar="OTHER", help="another checkpoint whose tensors must be bit-identical")
+    p.add_argument("--storage-options", type=_json_object, metavar="JSON", help="fsspec options for remote URLs")
+
     p = sub.add_parser("demo", help="make tiny synthetic models and TIES-merge them on local Ray",
                        description="Write a synthetic Llama-shaped base model and three fine-tunes, then run "
                                    "a real TIES merge of them (weights 0.5/0.3/0.2, density 0.5, bf16).")
@@ -111,6 +120,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from distmerge.io.storage import Storage
+    from distmerge.verify import verify_checkpoint
+
+    report = verify_checkpoint(args.out, args.against, Storage(args.storage_options or {}))
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     import yaml
 
@@ -137,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         force_loopback()  # before anything imports Ray
     try:
-        return {"merge": _merge, "plan": _plan, "demo": _demo}[args.command](args)
+        return {"merge": _merge, "plan": _plan, "verify": _verify, "demo": _demo}[args.command](args)
     except DistmergeError as err:
         print(f"distmerge: error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ import torch
 
 import distmerge
 from distmerge.errors import InputError, MergeFailed
+from distmerge.io.storage import Storage
 from distmerge.synthetic import LlamaShape, ties_config
+from distmerge.verify import verify_checkpoint
 from helpers import shard_bytes, write_yaml
 from s3util import error_xml
 
@@ -68,6 +70,8 @@ def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_pat
         files = s3.filesystem().ls(out, detail=False, refresh=True)
         assert any(f.endswith("README.md") for f in files) and any(f.endswith("config.json") for f in files)
         assert _download_shards(s3, out, str(tmp_path / name)) == expected
+        report = verify_checkpoint(out, against=str(tmp_path / "local"), storage=Storage(s3.options))
+        assert report.ok and report.checksums_checked > 1, report.format()
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 

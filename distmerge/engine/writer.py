@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from distmerge.errors import MergeFailed
+from distmerge.io import checksum
 from distmerge.io.layout import PARTIAL_SUFFIX, OutputLayout
 from distmerge.memory import peak_rss
 
@@ -45,12 +46,16 @@ class ShardWriter:
             position += length
         return position
 
-    def finalize(self) -> Dict[str, int]:
-        """Check every shard is complete, sync, and give the shards their final names."""
+    def finalize(self) -> Dict[str, object]:
+        """Check every shard is complete, checksum and sync it, and give it its final name."""
+        checksums = {}
         for i, shard in enumerate(self.layout.shards):
             expected = shard.size - len(shard.header)
             if self.written[i] != expected:
                 raise MergeFailed(f"{shard.file_name}: {self.written[i]} of {expected} data bytes were written")
+            fd = self.fds[i]
+            checksums[shard.file_name] = checksum.checksum_of(
+                lambda a, b, fd=fd: os.pread(fd, b - a, a), shard.size, checksum.LOCAL_BLOCK)
         for fd in self.fds:
             os.fsync(fd)
             os.close(fd)
@@ -58,7 +63,8 @@ class ShardWriter:
         for shard in self.layout.shards:
             final = os.path.join(self.out_dir, shard.file_name)
             os.replace(final + PARTIAL_SUFFIX, final)
-        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss()}
+        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
+                "checksums": checksums, "checksum_algorithm": checksum.describe(checksum.LOCAL_BLOCK)}
 
     def abort(self) -> None:
         """Close and delete the partial shards."""

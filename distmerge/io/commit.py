@@ -128,8 +128,12 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def commit_checkpoint(plan: MergePlan, dest: Destination) -> None:
-    """Write config.json, tokenizer files and the model card, then the index (last)."""
+def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[dict] = None,
+                      checksum_algorithm: str = "") -> None:
+    """Write config.json, tokenizer files and the model card, then the index (last).
+
+    The shards' checksums go into the index metadata, for `distmerge verify`.
+    """
     source = ModelFiles(plan.checkpoints[0].path, plan.config.storage)
     config_url = source.url("config.json")
     if source.exists(config_url):
@@ -145,4 +149,5 @@ def commit_checkpoint(plan: MergePlan, dest: Destination) -> None:
         if source.exists(url):
             dest.write(name, source.read(url))
     dest.write("README.md", model_card(plan).encode())
-    dest.write(INDEX_NAME, plan.layout.index_json().encode())
+    extra = {"distmerge_checksums": checksums, "distmerge_checksum_algorithm": checksum_algorithm} if checksums else {}
+    dest.write(INDEX_NAME, plan.layout.index_json(extra).encode())

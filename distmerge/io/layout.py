@@ -54,7 +54,7 @@ class OutputLayout:
                 return i, shard.offsets[tensor]
         raise KeyError(tensor)
 
-    def index_json(self, extra_metadata: Dict[str, str] = None) -> str:
+    def index_json(self, extra_metadata: Dict[str, object] = None) -> str:
         weight_map = {t.name: s.file_name for s in self.shards for t in s.tensors}
         metadata = {"total_size": self.total_size, **(extra_metadata or {})}
         return json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"

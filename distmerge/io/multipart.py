@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from distmerge.errors import MergeFailed
+from distmerge.io import checksum
 from distmerge.io.layout import OutputLayout
 from distmerge.io.storage import Storage, join
 from distmerge.memory import peak_rss
@@ -48,6 +49,7 @@ class MultipartShardWriter:
         self.buffers: Dict[Tuple[int, int], bytearray] = {}
         self.filled: Dict[Tuple[int, int], int] = {}
         self.etags: Dict[Tuple[int, int], str] = {}
+        self.digests: Dict[Tuple[int, int], bytes] = {}
         self.futures: List[Future] = []
         self.pool = ThreadPoolExecutor(UPLOAD_THREADS)
         try:
@@ -85,6 +87,7 @@ class MultipartShardWriter:
             data = data[n:]
 
     def _upload(self, shard: int, part: int, body: bytearray) -> None:
+        self.digests[(shard, part)] = checksum.block_digest(body)
         bucket, key = self.keys[shard]
         response = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=self.upload_ids[shard],
                                    PartNumber=part + 1, Body=bytes(body))
@@ -119,7 +122,10 @@ class MultipartShardWriter:
             self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=self.upload_ids[i],
                             MultipartUpload={"Parts": parts})
         self.pool.shutdown()
-        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss()}
+        checksums = {shard.file_name: checksum.combine(self.digests[(i, p)] for p in range(self._parts(i)))
+                     for i, shard in enumerate(self.layout.shards)}
+        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
+                "checksums": checksums, "checksum_algorithm": checksum.describe(self.part_size)}
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
