@@ -76,7 +76,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
           shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, memory_per_worker: Union[int, str, None] = None,
           overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
           storage_options: Optional[Mapping[str, Any]] = None,
-          part_size: Union[int, str] = DEFAULT_PART_SIZE) -> MergeSummary:
+          part_size: Union[int, str] = DEFAULT_PART_SIZE, allow_nonfinite: bool = False) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
     Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
@@ -84,6 +84,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     validated before any tensor data is read; on failure nothing that looks like a
     finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
     fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output.
+    NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`.
     """
     import ray
 
@@ -113,7 +114,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         try:
             stats = run_plan(
                 merge_plan, writer, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
-                threads_per_worker=threads_per_worker,
+                threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite,
                 on_written=bar.unit_written if bar else None)
             written = ray.get(writer.finalize.remote())
         except BaseException:

@@ -209,3 +209,24 @@ def test_example_configs_plan(model_factory, tmp_path, name):
     shutil.copy(os.path.join(repo, "configs", name), tmp_path / name)
     plan = distmerge.plan(str(tmp_path / name))
     assert plan.tensor_count == 30
+
+
+def test_nonfinite_input_is_named_unless_allowed(ray_local, tmp_path, paths):
+    broken = _copy_model(paths[2], tmp_path / "nan-model")
+
+    def poison(t):
+        weight = t["model.layers.1.mlp.down_proj.weight"].clone()
+        weight[3, 5] = float("nan")
+        t["model.layers.1.mlp.down_proj.weight"] = weight
+
+    _rewrite(broken, poison)
+    cfg = ties(paths)
+    cfg["models"][1]["model"] = broken
+    path = write_yaml(str(tmp_path / "merge.yml"), cfg)
+    with pytest.raises(distmerge.MergeFailed, match="model.layers.1.mlp.down_proj.weight.*NaN or Inf") as info:
+        distmerge.merge(path, str(tmp_path / "out"), num_workers=1)
+    assert "nan-model" in str(info.value) and "--allow-nonfinite" in str(info.value)
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert not list((tmp_path / "out").glob("*.safetensors*"))
+    distmerge.merge(path, str(tmp_path / "out"), num_workers=1, allow_nonfinite=True)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()

@@ -40,7 +40,8 @@ def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
 
 class Driver:
     def __init__(self, plan: MergePlan, writer: Any, *, max_in_flight: int, max_in_flight_bytes: int,
-                 threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None) -> None:
+                 threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None,
+                 allow_nonfinite: bool = False) -> None:
         import ray
 
         self.ray = ray
@@ -49,6 +50,7 @@ class Driver:
         self.max_in_flight = max(1, max_in_flight)
         self.max_in_flight_bytes = max_in_flight_bytes
         self.threads = threads_per_worker
+        self.allow_nonfinite = allow_nonfinite
         self.on_written = on_written or (lambda unit: None)
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
@@ -73,7 +75,8 @@ class Driver:
                     slot[(u, j)] = (gid, position)
             partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
             jobs = {
-                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.plan.config.storage, self.threads): u
+                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.plan.config.storage, self.threads,
+                    self.allow_nonfinite): u
                 for u, unit_carries in by_unit.items()
             }
             for ref, (unit_partials, stats) in self._completed(jobs):
@@ -122,7 +125,8 @@ class Driver:
                     in_flight_bytes == 0 or in_flight_bytes + pending[0].out_bytes <= self.max_in_flight_bytes):
                 unit = pending.pop(0)
                 carries = self.unit_carries(unit, reduced)
-                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.plan.config.storage, self.threads)
+                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.plan.config.storage,
+                                                             self.threads, self.allow_nonfinite)
                 computing[stats_ref] = (unit, data_ref)
                 in_flight_bytes += unit.out_bytes
             done, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)
