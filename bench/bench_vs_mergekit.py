@@ -195,8 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_processes(name, result))
     if "distmerge" not in failed:
         summary = [line for line in results["distmerge"].stdout_tail.splitlines() if line.strip()][-3:]
-        print("distmerge's own summary (its driver figure is ru_maxrss, which Linux carries over from this "
-              "benchmark process across fork+exec, so it is at least this process's peak):\n"
+        print("distmerge's own summary (per-process peaks from VmHWM):\n"
               + "\n".join(f"  {line}" for line in summary))
     if comparison:
         print("output comparison (distmerge vs mergekit): " + comparison.format())
