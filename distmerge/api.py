@@ -30,6 +30,7 @@ class MergeSummary:
     worker_peak_rss: int
     workers: int
     writer_peak_rss: int
+    reused_units: int = 0
 
     @property
     def throughput(self) -> float:
@@ -38,7 +39,8 @@ class MergeSummary:
 
     def format(self) -> str:
         return (
-            f"merged {self.tensors} tensors in {self.units} units into {self.shards} shard(s) at {self.out_dir}\n"
+            f"merged {self.tensors} tensors in {self.units} units into {self.shards} shard(s) at {self.out_dir}"
+            + (f" (resumed: {self.reused_units} units reused)" if self.reused_units else "") + "\n"
             f"read {format_bytes(self.read_bytes)}, wrote {format_bytes(self.written_bytes)} "
             f"in {self.seconds:.1f} s ({format_bytes(self.throughput)}/s read)\n"
             f"peak memory: driver {format_bytes(self.driver_peak_rss)}, "
@@ -76,7 +78,8 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
           shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, memory_per_worker: Union[int, str, None] = None,
           overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
           storage_options: Optional[Mapping[str, Any]] = None,
-          part_size: Union[int, str] = DEFAULT_PART_SIZE, allow_nonfinite: bool = False) -> MergeSummary:
+          part_size: Union[int, str] = DEFAULT_PART_SIZE, allow_nonfinite: bool = False,
+          restart: bool = False) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
     Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
@@ -85,6 +88,8 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
     fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output.
     NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`.
+    Re-running an interrupted local merge resumes it (units already written are reused);
+    `restart` discards an interrupted merge instead.
     """
     import ray
 
@@ -98,7 +103,14 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
                       storage_options=storage_options)
     dest = Destination(out, merge_plan.config.storage)
     writer_cls = writer_class(dest.url)
-    dest.prepare(overwrite)
+    finished = dest.prepare(overwrite, merge_plan, restart)
+    resumed_bytes = None
+    if finished:
+        resumed_bytes = [0] * len(merge_plan.layout.shards)
+        for unit in merge_plan.units:
+            if unit.index in finished:
+                for piece in unit.pieces:
+                    resumed_bytes[piece.shard] += piece.out_nbytes
 
     largest_output = max(u.out_bytes for u in merge_plan.units)
     max_in_flight_bytes = max(2 * workers * largest_output, 256 * 2**20)
@@ -109,12 +121,15 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         writer = ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
-            dest.url, merge_plan.layout, merge_plan.config.storage, parse_size(part_size))
+            dest.url, merge_plan.layout, merge_plan.config.storage, parse_size(part_size), resumed_bytes)
         bar = _progress_bar(merge_plan, progress)
+        for unit in merge_plan.units:
+            if bar and unit.index in finished:
+                bar.unit_written(unit)
         try:
             stats = run_plan(
                 merge_plan, writer, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
-                threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite,
+                threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite, skip_units=finished,
                 on_written=bar.unit_written if bar else None)
             written = ray.get(writer.finalize.remote())
         except BaseException:
@@ -128,6 +143,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
                 bar.close()
             ray.kill(writer)
     commit_checkpoint(merge_plan, dest, written["checksums"], written["checksum_algorithm"])
+    dest.finish()
     return MergeSummary(
         out_dir=dest.url,
         tensors=merge_plan.tensor_count,
@@ -140,6 +156,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         worker_peak_rss=max(stats.worker_peak_rss.values(), default=0),
         workers=len(stats.worker_peak_rss),
         writer_peak_rss=written["peak_rss"],
+        reused_units=len(finished),
     )
 
 

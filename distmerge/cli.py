@@ -44,6 +44,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
         p.add_argument("--part-size", default="64MiB", metavar="SIZE",
                        help="multipart upload part size for s3:// output, at least 5MiB (default: 64MiB)")
         p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+        p.add_argument("--restart", action="store_true",
+                       help="discard an interrupted merge in OUT instead of resuming it")
         p.add_argument("--allow-nonfinite", action="store_true",
                        help="merge inputs holding NaN/Inf (default: fail, naming the tensor)")
         p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -104,7 +106,7 @@ def _merge(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
                     overwrite=args.overwrite, progress=not args.no_progress,
                     threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
-                    part_size=args.part_size, allow_nonfinite=args.allow_nonfinite)
+                    part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart)
     print(summary.format())
     return 0
 

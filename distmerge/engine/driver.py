@@ -41,7 +41,7 @@ def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
 class Driver:
     def __init__(self, plan: MergePlan, writer: Any, *, max_in_flight: int, max_in_flight_bytes: int,
                  threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, skip_units: Optional[set] = None) -> None:
         import ray
 
         self.ray = ray
@@ -51,6 +51,7 @@ class Driver:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.threads = threads_per_worker
         self.allow_nonfinite = allow_nonfinite
+        self.skip_units = skip_units or set()
         self.on_written = on_written or (lambda unit: None)
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
@@ -116,7 +117,7 @@ class Driver:
 
     def run_apply(self, reduced: Dict[str, List[Any]]) -> None:
         method_name = self.plan.config.method.name
-        pending = list(self.plan.units)
+        pending = [u for u in self.plan.units if u.index not in self.skip_units]
         computing: Dict[Any, tuple] = {}  # stats ref -> (unit, data ref)
         writing: Dict[Any, WorkUnit] = {}
         in_flight_bytes = 0
@@ -138,7 +139,7 @@ class Driver:
                     except Exception as err:  # noqa: BLE001
                         raise _failure(unit, err) from err
                     segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
-                    writing[self.writer.write.remote(segments, data_ref)] = unit
+                    writing[self.writer.write.remote(segments, data_ref, unit.index)] = unit
                 else:
                     unit = writing.pop(ref)
                     try:

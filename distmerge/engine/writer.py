@@ -9,32 +9,41 @@ actor on the node that holds the output directory.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from distmerge.errors import MergeFailed
 from distmerge.io import checksum
+from distmerge.io import progress
 from distmerge.io.layout import PARTIAL_SUFFIX, OutputLayout
+from distmerge.io.progress import ProgressLog
 from distmerge.memory import peak_rss
 
 
 
 class ShardWriter:
-    def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0) -> None:
+    def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0,
+                 resumed_bytes: Optional[List[int]] = None) -> None:
+        """Open the shards: fresh (truncated, header written), or as left by an interrupted
+        run when `resumed_bytes` (data bytes already written per shard) is given."""
         self.out_dir = out_dir
         self.layout = layout
         self.fds: List[int] = []
-        self.written = [0] * len(layout.shards)
+        self.written = list(resumed_bytes) if resumed_bytes is not None else [0] * len(layout.shards)
+        self.progress = ProgressLog(out_dir)
         for shard in layout.shards:
             path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, shard.size)
-            os.pwrite(fd, shard.header, 0)
+            if resumed_bytes is not None:
+                fd = os.open(path, os.O_RDWR)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, shard.size)
+                os.pwrite(fd, shard.header, 0)
             self.fds.append(fd)
 
-    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray) -> int:
-        """Write `data` split into (shard, file offset, length) segments, in order."""
+    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
+        """Write `data` split into (shard, file offset, length) segments, in order; log `unit` as done."""
         view = memoryview(data).cast("B")
         position = 0
         for shard, offset, length in segments:
@@ -44,6 +53,8 @@ class ShardWriter:
                 done += os.pwrite(self.fds[shard], chunk[done:], offset + done)
             self.written[shard] += length
             position += length
+        if unit >= 0:
+            self.progress.add(unit, self.fds)
         return position
 
     def finalize(self) -> Dict[str, object]:
@@ -67,7 +78,7 @@ class ShardWriter:
                 "checksums": checksums, "checksum_algorithm": checksum.describe(checksum.LOCAL_BLOCK)}
 
     def abort(self) -> None:
-        """Close and delete the partial shards."""
+        """Close and delete the partial shards (and the resume log: a failed merge starts over)."""
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -76,6 +87,7 @@ class ShardWriter:
                 os.remove(os.path.join(self.out_dir, shard.file_name + PARTIAL_SUFFIX))
             except FileNotFoundError:
                 pass
+        progress.remove(self.out_dir)
 
     def peak_rss(self) -> int:
         return peak_rss()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import List, Optional
+from typing import List, Optional, Set
 
 import yaml
 
 from distmerge.errors import OutputError
+from distmerge.io import progress
 from distmerge.io.checkpoint import ModelFiles
 from distmerge.io.dtypes import TORCH_DTYPE_NAMES
 from distmerge.io.layout import INDEX_NAME, PARTIAL_SUFFIX
@@ -74,8 +75,13 @@ class Destination:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(name))
 
-    def prepare(self, overwrite: bool) -> None:
-        """Refuse a destination holding a checkpoint unless `overwrite`; clear leftovers."""
+    def prepare(self, overwrite: bool, plan: MergePlan, restart: bool = False) -> Set[int]:
+        """Make the destination ready; return the units an interrupted run already wrote.
+
+        A finished checkpoint is refused unless `overwrite`. An interrupted local merge of
+        the same plan is resumed (its finished units are returned); one of a different
+        plan is refused, saying what changed, unless `restart` discards it.
+        """
         if not self.remote and os.path.exists(self.url) and not os.path.isdir(self.url):
             raise OutputError(f"output {self.url} exists and is not a directory")
         existing = self.existing_checkpoint()
@@ -85,12 +91,34 @@ class Destination:
         if not self.remote:
             os.makedirs(self.url, exist_ok=True)
         # The index goes first, so a half-removed checkpoint never looks finished.
-        for name in existing + [n for n in self.names() if n.endswith(PARTIAL_SUFFIX)]:
+        for name in existing:
             self.remove(name)
-        if self.remote and split_url(self.url)[0] == "s3":
-            from distmerge.io.multipart import abort_uploads_under
+        if self.remote:
+            if split_url(self.url)[0] == "s3":
+                from distmerge.io.multipart import abort_uploads_under
 
-            abort_uploads_under(self.fs, self.url)
+                abort_uploads_under(self.fs, self.url)
+            return set()
+        partials = [n for n in self.names() if n.endswith(PARTIAL_SUFFIX)]
+        interrupted = bool(partials) or progress.MANIFEST in self.names()
+        if interrupted and not restart:
+            expected = {s.file_name + PARTIAL_SUFFIX: s.size for s in plan.layout.shards}
+            changes = progress.changed_since(self.url, plan)
+            if not changes and sorted(partials) == sorted(expected) and all(
+                    os.path.getsize(self.path(n)) == size for n, size in expected.items()):
+                return progress.finished_units(self.url)
+            reason = "; ".join(changes) or "its partial shards do not match the plan"
+            raise OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
+                              "Pass --restart (restart=True) to discard it and start over")
+        for name in partials:
+            self.remove(name)
+        progress.write_manifest(self.url, plan)
+        return set()
+
+    def finish(self) -> None:
+        """Drop the resume state once the checkpoint is committed."""
+        if not self.remote:
+            progress.remove(self.url)
 
 
 def existing_checkpoint(out: str, storage: Storage) -> List[str]:

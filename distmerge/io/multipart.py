@@ -38,7 +38,8 @@ def abort_uploads_under(fs, url: str) -> int:
 
 
 class MultipartShardWriter:
-    def __init__(self, out_url: str, layout: OutputLayout, storage: Storage, part_size: int = DEFAULT_PART_SIZE) -> None:
+    def __init__(self, out_url: str, layout: OutputLayout, storage: Storage, part_size: int = DEFAULT_PART_SIZE,
+                 resumed_bytes: None = None) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part size {part_size} is below S3's 5 MiB minimum")
         self.fs = storage.filesystem(out_url)
@@ -93,7 +94,7 @@ class MultipartShardWriter:
                                    PartNumber=part + 1, Body=bytes(body))
         self.etags[(shard, part)] = response["ETag"]
 
-    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray) -> int:
+    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
         view = memoryview(data).cast("B")
         position = 0
         for shard, offset, length in segments:
