@@ -132,9 +132,12 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
                 threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite, skip_units=finished,
                 on_written=bar.unit_written if bar else None)
             written = ray.get(writer.finalize.remote())
-        except BaseException:
+        except BaseException as err:
+            # Interrupted (Ctrl-C, or SIGTERM, which Ray's driver turns into SystemExit): keep
+            # what is written, for a resume. Failed: clean up.
+            stop = writer.interrupted if isinstance(err, (KeyboardInterrupt, SystemExit)) else writer.abort
             try:
-                ray.get(writer.abort.remote())
+                ray.get(stop.remote())
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
             raise

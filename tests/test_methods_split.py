@@ -183,3 +183,17 @@ def test_rescale_restores_l1_norm_whole_or_split():
     delta = (models[0] - base).reshape(-1)
     merged_delta = whole - base.reshape(-1)
     assert math.isclose(merged_delta.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), rows=st.integers(2, 30), cuts=st.lists(st.integers(1, 29), max_size=6),
+       seed=st.integers(0, 2**16))
+def test_rescale_is_split_invariant(dtype, rows, cuts, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, 13, generator=g).to(dtype)
+    models = [base + (0.1 * torch.randn(rows, 13, generator=g) * torch.logspace(-3, 1, 13)).to(dtype)
+              for _ in range(2)]
+    params = _params("ties", [0.7, 0.4], [0.3, 0.6], normalize=True, int8_mask=False, sign_election="weighted",
+                     density_scope="tensor", rescale=True, **{"lambda": 1.0})
+    whole = _merge("ties", "t", base, models, params)
+    assert torch.equal(_bits(whole), _bits(_merge("ties", "t", base, models, params, cuts)))

@@ -75,13 +75,8 @@ class Driver:
                     by_unit.setdefault(u, [None] * len(self.plan.units[u].pieces))[j] = carries[gid][position]
                     slot[(u, j)] = (gid, position)
             partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
-            jobs = {
-                self.collect_task.remote(self.plan.units[u], method.name, pass_index, unit_carries, self.plan.config.storage, self.threads,
-                    self.allow_nonfinite): u
-                for u, unit_carries in by_unit.items()
-            }
-            for ref, (unit_partials, stats) in self._completed(jobs):
-                u = jobs[ref]
+            jobs = [(u, partial_carries) for u, partial_carries in by_unit.items()]
+            for u, (unit_partials, stats) in self._completed(jobs, pass_index):
                 self.stats.add(stats)
                 for j, partial in enumerate(unit_partials):
                     if (u, j) in slot:
@@ -92,19 +87,25 @@ class Driver:
                 carries[gid] = method.reduce(pass_index, metas, partials[gid], carries[gid])
         return carries
 
-    def _completed(self, jobs: Dict[Any, int]):
-        """Yield (ref, result) as jobs finish, keeping at most max_in_flight running."""
+    def _completed(self, jobs: List[tuple], pass_index: int):
+        """Run one statistics pass over (unit index, carries) jobs, at most max_in_flight at a
+        time; yield (unit index, result) as each finishes."""
+        method_name = self.plan.config.method.name
         pending = list(jobs)
-        running: List[Any] = []
+        running: Dict[Any, int] = {}
         while pending or running:
             while pending and len(running) < self.max_in_flight:
-                running.append(pending.pop(0))
-            done, running = self.ray.wait(running, num_returns=1)
+                u, carries = pending.pop(0)
+                ref = self.collect_task.remote(self.plan.units[u], method_name, pass_index, carries,
+                                               self.plan.config.storage, self.threads, self.allow_nonfinite)
+                running[ref] = u
+            done, _ = self.ray.wait(list(running), num_returns=1)
             for ref in done:
+                u = running.pop(ref)
                 try:
-                    yield ref, self.ray.get(ref)
+                    yield u, self.ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - reported with the unit named
-                    raise _failure(self.plan.units[jobs[ref]], err) from err
+                    raise _failure(self.plan.units[u], err) from err
 
     # -- apply --------------------------------------------------------------------------
 

@@ -77,6 +77,13 @@ class ShardWriter:
         return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
                 "checksums": checksums, "checksum_algorithm": checksum.describe(checksum.LOCAL_BLOCK)}
 
+    def interrupted(self) -> None:
+        """Log what is synced and close, keeping the partial shards for a resume."""
+        self.progress.flush(self.fds)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
     def abort(self) -> None:
         """Close and delete the partial shards (and the resume log: a failed merge starts over)."""
         for fd in self.fds:

@@ -106,7 +106,7 @@ class Destination:
             changes = progress.changed_since(self.url, plan)
             if not changes and sorted(partials) == sorted(expected) and all(
                     os.path.getsize(self.path(n)) == size for n, size in expected.items()):
-                return progress.finished_units(self.url)
+                return progress.finished_units(self.url, len(plan.units))
             reason = "; ".join(changes) or "its partial shards do not match the plan"
             raise OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
                               "Pass --restart (restart=True) to discard it and start over")

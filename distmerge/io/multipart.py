@@ -128,6 +128,10 @@ class MultipartShardWriter:
         return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
                 "checksums": checksums, "checksum_algorithm": checksum.describe(self.part_size)}
 
+    def interrupted(self) -> None:
+        """S3 outputs do not resume yet: an interrupted merge aborts its uploads."""
+        self.abort()
+
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for (bucket, key), upload_id in zip(self.keys, self.upload_ids):

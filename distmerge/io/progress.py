@@ -22,7 +22,7 @@ MANIFEST = ".distmerge-manifest.json"
 PROGRESS = ".distmerge-progress"
 WHAT = {
     "config": "the merge config changed",
-    "inputs": "an input model changed (size or modification time of a file)",
+    "inputs": "an input model changed (a file's size, ETag or modification time)",
     "plan": "the options that shape the output changed (shard size, memory per worker, dtypes, ...)",
 }
 
@@ -60,14 +60,21 @@ def changed_since(out_dir: str, plan: MergePlan) -> list:
     return [WHAT[k] for k in WHAT if recorded.get(k) != now[k]]
 
 
-def finished_units(out_dir: str) -> Set[int]:
-    """Units logged as synced to disk (a torn last line is ignored)."""
+def finished_units(out_dir: str, unit_count: int) -> Set[int]:
+    """Units logged as synced to disk; the log is rewritten clean (a torn last line, from a
+    crash mid-append, is dropped, so later appends cannot merge with it)."""
+    path = os.path.join(out_dir, PROGRESS)
     try:
-        with open(os.path.join(out_dir, PROGRESS), encoding="ascii") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             lines = f.read().split("\n")
     except OSError:
-        return set()
-    return {int(line) for line in lines[:-1] if line.strip().isdigit()}
+        lines = [""]
+    done = {int(line) for line in lines[:-1] if line.strip().isdigit() and int(line) < unit_count}
+    with open(path, "w", encoding="ascii") as f:
+        f.write("".join(f"{u}\n" for u in sorted(done)))
+        f.flush()
+        os.fsync(f.fileno())
+    return done
 
 
 def remove(out_dir: str) -> None:

@@ -38,9 +38,15 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def _is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return lowered in SECRET_KEYS or any(word in lowered for word in ("secret", "token", "password", "credential")) \
+        or (lowered.endswith("key") and lowered not in ("key_prefix",))
+
+
 def _redact(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: ("***" if k.lower() in SECRET_KEYS else _redact(v)) for k, v in value.items()}
+        return {k: ("***" if _is_secret(str(k)) else _redact(v)) for k, v in value.items()}
     return value
 
 
@@ -49,6 +55,9 @@ class Storage:
     """fsspec options for remote URLs; empty means the standard AWS environment/credential chain."""
 
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # tracebacks and reprs of configs/plans must not show secrets
+        return f"Storage({self.redacted()!r})"
 
     def key(self) -> str:
         return json.dumps(self.options, sort_keys=True, default=str)

@@ -18,7 +18,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from distmerge.methods import signs, topk
+from distmerge.methods import exactsum, signs, topk
 from distmerge.methods.base import (
     KeepsNothing,
     MergeMethod,
@@ -40,7 +40,8 @@ class PieceCarry:
     """Per-piece state: one topk.Selection per model (None: keep all), and rescale factors."""
 
     selections: Tuple[Optional[topk.Selection], ...]
-    l1: Optional[Tuple[Tuple[float, float], ...]] = None  # per model: (sum|delta|, sum|kept|)
+    # per model: (sum|delta|, sum|kept|, their ratio), each from exact sums rounded once
+    l1: Optional[Tuple[Tuple[float, float, float], ...]] = None
 
 
 class TaskVectorMerge(MergeMethod):
@@ -151,16 +152,19 @@ class TaskVectorMerge(MergeMethod):
         sums = []
         for i, delta in enumerate(self._deltas(inputs)):
             kept = self._sparse_delta(inputs, carry, i)
-            sums.append((float(delta.abs().sum(dtype=torch.float64)), float(kept.abs().sum(dtype=torch.float64))))
+            sums.append((exactsum.abs_sum_parts(delta), exactsum.abs_sum_parts(kept)))
         return sums
 
     def reduce(self, pass_index: int, metas: Sequence[PieceMeta], partials: Sequence[Any],
                carries: Sequence[PieceCarry]) -> List[PieceCarry]:
         if pass_index >= self._radix_passes(carries[0]):
-            n = len(carries[0].selections)
-            totals = tuple(
-                (sum(p[i][0] for p in partials), sum(p[i][1] for p in partials)) for i in range(n))
-            return [PieceCarry(c.selections, totals) for c in carries]
+            dtype = metas[0].dtype
+            totals = []
+            for i in range(len(carries[0].selections)):
+                before = exactsum.value(exactsum.add_parts([p[i][0] for p in partials]), dtype)
+                after = exactsum.value(exactsum.add_parts([p[i][1] for p in partials]), dtype)
+                totals.append((float(before), float(after), float(before / after) if after else 0.0))
+            return [PieceCarry(c.selections, tuple(totals)) for c in carries]
         per_piece: List[List[Optional[topk.Selection]]] = [[] for _ in carries]
         for i in range(len(carries[0].selections)):
             states = [c.selections[i] for c in carries]
@@ -203,9 +207,9 @@ class TaskVectorMerge(MergeMethod):
         for i in range(n):
             self._sparse_delta_into(inputs, carry, i, deltas[i])
             if carry is not None and carry.l1 is not None and carry.selections[i] is not None:
-                before, after = carry.l1[i]
+                before, after, ratio = carry.l1[i]
                 if before >= 1e-7 and after >= 1e-7:
-                    deltas[i] *= torch.tensor(before / after, dtype=dtype)
+                    deltas[i] *= torch.tensor(ratio, dtype=dtype)
         inputs.memo.clear()
 
         weights = torch.tensor(params.model_values("weight"), dtype=dtype)

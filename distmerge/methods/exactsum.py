@@ -1,0 +1,53 @@
+"""Exact sums of |x| that add up across pieces in any grouping (for L1 rescaling).
+
+A float is mantissa * 2^exponent. Summing the integer mantissas per exponent (in
+chunks small enough for float64 bincount weights to stay exact) gives partial sums
+that are plain integers: pieces' parts add exactly, and the total is rounded once at
+the end. So the result does not depend on how a tensor is split, unlike a float sum.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Dict, Sequence
+
+import torch
+
+from distmerge.methods.topk import magnitude_keys
+
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+CHUNK = 1 << 24  # elements per bincount: 2^24 * 2^27 < 2^53 keeps float64 weights exact
+HALF = 26
+
+
+def abs_sum_parts(x: torch.Tensor) -> Dict[int, int]:
+    """{biased exponent: integer sum of mantissas} for |x| (x finite)."""
+    info = torch.finfo(x.dtype)
+    mbits = MANTISSA_BITS[x.dtype]
+    keys = magnitude_keys(x).reshape(-1).to(torch.int64)
+    buckets = 1 << (info.bits - 1 - mbits)
+    parts: Dict[int, int] = {}
+    for start in range(0, keys.numel(), CHUNK):
+        k = keys[start:start + CHUNK]
+        exponent = k >> mbits
+        mantissa = (k & ((1 << mbits) - 1)) | torch.where(exponent > 0, 1 << mbits, 0)
+        hi = torch.bincount(exponent, weights=(mantissa >> HALF).double(), minlength=buckets)
+        lo = torch.bincount(exponent, weights=(mantissa & ((1 << HALF) - 1)).double(), minlength=buckets)
+        for e in torch.nonzero(hi + lo).reshape(-1).tolist():
+            parts[e] = parts.get(e, 0) + (int(hi[e].item()) << HALF) + int(lo[e].item())
+    return parts
+
+
+def add_parts(items: Sequence[Dict[int, int]]) -> Dict[int, int]:
+    total: Dict[int, int] = {}
+    for parts in items:
+        for e, v in parts.items():
+            total[e] = total.get(e, 0) + v
+    return total
+
+
+def value(parts: Dict[int, int], dtype: torch.dtype) -> Fraction:
+    """The exact sum the parts stand for."""
+    mbits = MANTISSA_BITS[dtype]
+    bias = (1 << (torch.finfo(dtype).bits - 2 - mbits)) - 1
+    return sum((Fraction(v) * Fraction(2) ** (max(e, 1) - bias - mbits) for e, v in parts.items()), Fraction(0))
