@@ -175,6 +175,8 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     layer_ids = {int(m.group(1)) for name in reference.tensors if (m := LAYER_INDEX.search(name))}
     num_layers = max(layer_ids) + 1 if layer_ids else 0
     names = sorted(reference.tensors, key=natural_key)
+    if not names:
+        raise InputError(f"model {reference.ref!r} ({reference.path}) holds no tensors")
     n_models = len(config.models)
 
     out_tensors = []

@@ -165,8 +165,12 @@ def test_existing_checkpoint_needs_overwrite(ray_local, tmp_path, paths):
     with pytest.raises(OutputError, match="already holds a checkpoint.*--overwrite"):
         distmerge.merge(path, str(out), num_workers=1)
     assert (out / "model.safetensors.index.json").read_bytes() == before
+    (out / "tokenizer.model").write_bytes(b"from another base model")
+    (out / "notes.partial").write_bytes(b"not ours")
     distmerge.merge(path, str(out), num_workers=1, overwrite=True)
     assert (out / "model.safetensors.index.json").read_bytes() == before
+    assert not (out / "tokenizer.model").exists()  # the old checkpoint's companions go with it
+    assert (out / "notes.partial").exists()  # files that are not ours stay
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, paths, capsys):

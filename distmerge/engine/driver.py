@@ -24,12 +24,9 @@ class RunStats:
     read_bytes: int = 0
     written_bytes: int = 0
     worker_peak_rss: Dict[int, int] = field(default_factory=dict)
-    writer_peak_rss: int = 0
-    compute_seconds: float = 0.0
 
     def add(self, stats: WorkerStats) -> None:
         self.read_bytes += stats.read_bytes
-        self.compute_seconds += stats.seconds
         self.worker_peak_rss[stats.pid] = max(stats.peak_rss, self.worker_peak_rss.get(stats.pid, 0))
 
 

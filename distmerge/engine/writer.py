@@ -26,7 +26,10 @@ class ShardWriter:
     def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0,
                  resumed_bytes: Optional[List[int]] = None) -> None:
         """Open the shards: fresh (truncated, header written), or as left by an interrupted
-        run when `resumed_bytes` (data bytes already written per shard) is given."""
+        run when `resumed_bytes` (data bytes already written per shard) is given.
+
+        `storage` and `part_size` are unused here; they keep one constructor for every writer.
+        """
         self.out_dir = out_dir
         self.layout = layout
         self.fds: List[int] = []
@@ -74,6 +77,7 @@ class ShardWriter:
         for shard in self.layout.shards:
             final = os.path.join(self.out_dir, shard.file_name)
             os.replace(final + PARTIAL_SUFFIX, final)
+        sync_directory(self.out_dir)
         return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
                 "checksums": checksums, "checksum_algorithm": checksum.describe(checksum.LOCAL_BLOCK)}
 
@@ -96,8 +100,6 @@ class ShardWriter:
                 pass
         progress.remove(self.out_dir)
 
-    def peak_rss(self) -> int:
-        return peak_rss()
 
 
 def writer_class(out: str):
@@ -111,3 +113,12 @@ def writer_class(out: str):
 
         return MultipartShardWriter
     raise MergeFailed(f"{out}: writing to {split_url(out)[0]}:// is not supported (local paths and s3:// are)")
+
+
+def sync_directory(path: str) -> None:
+    """Make renames in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

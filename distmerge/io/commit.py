@@ -90,8 +90,9 @@ class Destination:
                               "pass --overwrite (overwrite=True) to replace it")
         if not self.remote:
             os.makedirs(self.url, exist_ok=True)
-        # The index goes first, so a half-removed checkpoint never looks finished.
-        for name in existing:
+        # The index goes first, so a half-removed checkpoint never looks finished; then the
+        # old checkpoint's companion files, which could belong to another base model.
+        for name in existing + [n for n in (*COMPANION_FILES, "config.json", "README.md") if existing]:
             self.remove(name)
         if self.remote:
             if split_url(self.url)[0] == "s3":
@@ -99,7 +100,7 @@ class Destination:
 
                 abort_uploads_under(self.fs, self.url)
             return set()
-        partials = [n for n in self.names() if n.endswith(PARTIAL_SUFFIX)]
+        partials = [n for n in self.names() if n.startswith("model-") and n.endswith(".safetensors" + PARTIAL_SUFFIX)]
         interrupted = bool(partials) or progress.MANIFEST in self.names()
         if interrupted and not restart:
             expected = {s.file_name + PARTIAL_SUFFIX: s.size for s in plan.layout.shards}
@@ -110,7 +111,7 @@ class Destination:
             reason = "; ".join(changes) or "its partial shards do not match the plan"
             raise OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
                               "Pass --restart (restart=True) to discard it and start over")
-        for name in partials:
+        for name in partials:  # an interrupted merge's shards (any shard count), not others' files
             self.remove(name)
         progress.write_manifest(self.url, plan)
         return set()

@@ -141,5 +141,3 @@ class MultipartShardWriter:
                 pass
         self.buffers.clear()
 
-    def peak_rss(self) -> int:
-        return peak_rss()

@@ -71,16 +71,8 @@ class PieceMeta:
         return math.prod(self.shape[1:]) if self.shape else 1
 
     @property
-    def tensor_numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def numel(self) -> int:
         return (self.row_end - self.row_start) * self.row_numel
-
-    @property
-    def element_offset(self) -> int:
-        return self.row_start * self.row_numel
 
 
 @dataclass
