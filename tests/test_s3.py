@@ -196,3 +196,40 @@ def test_secrets_stay_out_of_the_model_card(ray_local, s3, s3_models, tmp_path):
     card = s3.filesystem().cat_file(f"{out}/README.md").decode()
     assert "secret: '***'" in card and "testing" not in card.split("storage:")[1].split("key:")[0] + "x"
     assert "endpoint_url" in card
+
+
+def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3_models, tmp_path):
+    """503 SlowDown on some ranged GETs: retried, same bytes. 403 on data reads: fails, naming the object."""
+    paths, urls, _ = s3_models
+    cfg = _config(tmp_path, urls)
+    distmerge.merge(_config(tmp_path, paths, "local.yml"), str(tmp_path / "local"), num_workers=2)
+    throttled = []
+
+    def throttle_some(method, path, headers):
+        if method == "GET" and "Range" in headers and "model-0000" in path and len(throttled) < 6:
+            throttled.append(path)
+            if len(throttled) % 2:
+                return 503, error_xml("SlowDown", "Please reduce your request rate.")
+        return None
+
+    s3.proxy.fault = throttle_some
+    try:
+        distmerge.merge(cfg, str(tmp_path / "throttled"), storage_options=s3.options, num_workers=2)
+    finally:
+        s3.proxy.fault = None
+    assert len(throttled) == 6
+    assert shard_bytes(str(tmp_path / "throttled")) == shard_bytes(str(tmp_path / "local"))
+
+    def deny_data(method, path, headers):
+        if method == "GET" and "Range" in headers and "ft3" in path and "bytes=0-7" not in headers.get("Range", ""):
+            return 403, error_xml("AccessDenied", "Access Denied")
+        return None
+
+    s3.proxy.fault = deny_data
+    try:
+        with pytest.raises(Exception) as info:
+            distmerge.merge(cfg, str(tmp_path / "denied"), storage_options=s3.options, num_workers=2)
+    finally:
+        s3.proxy.fault = None
+    assert "ft3" in str(info.value)
+    assert not (tmp_path / "denied" / "model.safetensors.index.json").exists()
