@@ -101,3 +101,39 @@ def test_changed_config_refuses_resume_until_restart(config_path, tmp_path):
     restarted = subprocess.run(cmd + ["--restart"], env=env, capture_output=True, text=True, timeout=300)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "resumed" not in restarted.stdout and (out / "model.safetensors.index.json").exists()
+
+
+def test_writer_death_fails_cleanly_then_resumes(ray_local, config_path, tmp_path):
+    """SIGKILL the writer actor mid-merge: the merge fails (no index), the re-run resumes."""
+    import threading
+
+    import distmerge
+
+    options = dict(num_workers=2, memory_per_worker=256 * 1024)
+    distmerge.merge(config_path, str(tmp_path / "calm"), **options)
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_writer_when_busy():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            if _progress_lines(out) >= 8:
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if "ShardWriter" in " ".join(proc.cmdline()):
+                            proc.kill()
+                            killed.append(proc.pid)
+                    except psutil.Error:
+                        continue
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_writer_when_busy)
+    killer.start()
+    with pytest.raises(distmerge.MergeFailed):
+        distmerge.merge(config_path, str(out), **options)
+    killer.join()
+    assert killed and not (out / "model.safetensors.index.json").exists()
+    summary = distmerge.merge(config_path, str(out), **options)
+    assert summary.reused_units >= 8
+    assert shard_bytes(str(out)) == shard_bytes(str(tmp_path / "calm"))
