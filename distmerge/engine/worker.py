@@ -8,7 +8,6 @@ groups run the whole protocol here, so the common case reads its inputs once.
 from __future__ import annotations
 
 import os
-import time
 import math
 from dataclasses import dataclass, replace
 from typing import Any, List, Sequence, Tuple
@@ -35,7 +34,6 @@ SUB_PIECE_ELEMENTS = 768 * 1024
 class WorkerStats:
     pid: int
     read_bytes: int
-    seconds: float
     peak_rss: int
 
 
@@ -73,15 +71,14 @@ def _load(piece: Piece, uses_base: bool, storage: Storage, allow_nonfinite: bool
     return PieceInputs(meta, None, tuple(tensors))
 
 
-def _stats(started: float, read_bytes: int) -> WorkerStats:
-    return WorkerStats(os.getpid(), read_bytes, time.perf_counter() - started, peak_rss())
+def _stats(read_bytes: int) -> WorkerStats:
+    return WorkerStats(os.getpid(), read_bytes, peak_rss())
 
 
 def collect_unit(unit: WorkUnit, method_name: str, pass_index: int, carries: Sequence[Any],
                  storage: Storage, threads: int = 1, allow_nonfinite: bool = False) -> Tuple[List[Any], WorkerStats]:
     """Statistics pass `pass_index` over the pieces of `unit` whose carry is not None."""
     torch.set_num_threads(threads)
-    started = time.perf_counter()
     method = get_method(method_name)
     partials: List[Any] = []
     read = 0
@@ -93,7 +90,7 @@ def collect_unit(unit: WorkUnit, method_name: str, pass_index: int, carries: Seq
         read += sum(s.nbytes for s in piece.sources)
         partials.append(method.collect(pass_index, inputs, carry))
         del inputs
-    return partials, _stats(started, read)
+    return partials, _stats(read)
 
 
 def _sub_pieces(inputs: PieceInputs, rows_per_sub: int) -> List[PieceInputs]:
@@ -127,7 +124,6 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     for any split, and small ranges run several times faster than whole tensors.
     """
     torch.set_num_threads(threads)
-    started = time.perf_counter()
     method = get_method(method_name)
     out = np.empty(unit.out_bytes, dtype=np.uint8)
     position = 0
@@ -145,4 +141,4 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
             out[position:position + data.size] = data
             position += data.size
         del results
-    return _stats(started, read), out
+    return _stats(read), out
