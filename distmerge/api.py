@@ -6,9 +6,10 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Set, Tuple, Union
 
 from distmerge.config import MergeConfig, load_config
+from distmerge.errors import MergeFailed
 from distmerge.engine.session import default_num_workers, ray_session
 from distmerge.io.commit import Destination, commit_checkpoint
 from distmerge.io.multipart import DEFAULT_PART_SIZE
@@ -31,6 +32,7 @@ class MergeSummary:
     workers: int
     writer_peak_rss: int
     reused_units: int = 0
+    writer_restarts: int = 0
 
     @property
     def throughput(self) -> float:
@@ -40,7 +42,8 @@ class MergeSummary:
     def format(self) -> str:
         return (
             f"merged {self.tensors} tensors in {self.units} units into {self.shards} shard(s) at {self.out_dir}"
-            + (f" (resumed: {self.reused_units} units reused)" if self.reused_units else "") + "\n"
+            + (f" (resumed: {self.reused_units} units reused)" if self.reused_units else "")
+            + (f" (writer actor restarted {self.writer_restarts}x)" if self.writer_restarts else "") + "\n"
             f"read {format_bytes(self.read_bytes)}, wrote {format_bytes(self.written_bytes)} "
             f"in {self.seconds:.1f} s ({format_bytes(self.throughput)}/s read)\n"
             f"peak memory: driver {format_bytes(self.driver_peak_rss)}, "
@@ -88,29 +91,28 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
     fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output.
     NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`.
-    Re-running an interrupted local merge resumes it (units already written are reused);
-    `restart` discards an interrupted merge instead.
+    Re-running an interrupted merge resumes it (units already written are reused; a
+    dead writer actor is replaced the same way mid-run); `restart` discards an
+    interrupted merge instead.
     """
     import ray
 
-    from distmerge.engine.driver import run_plan
+    from distmerge.engine.driver import Driver
     from distmerge.engine.writer import writer_class
+    from distmerge.io.multipart import check_part_size
 
     started = time.perf_counter()
-    out = os.fspath(out_dir)
     workers = num_workers or default_num_workers()
-    merge_plan = plan(config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers,
-                      storage_options=storage_options)
-    dest = Destination(out, merge_plan.config.storage)
+    merge_config = _as_config(config, storage_options)
+    dest = Destination(os.fspath(out_dir), merge_config.storage)
     writer_cls = writer_class(dest.url)
-    finished = dest.prepare(overwrite, merge_plan, restart)
-    resumed_bytes = None
-    if finished:
-        resumed_bytes = [0] * len(merge_plan.layout.shards)
-        for unit in merge_plan.units:
-            if unit.index in finished:
-                for piece in unit.pieces:
-                    resumed_bytes[piece.shard] += piece.out_nbytes
+    if memory_per_worker is None and not restart:
+        memory_per_worker = dest.recorded_options().get("memory_per_worker")  # resume as planned before
+    merge_plan = plan(merge_config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
+    parts = parse_size(part_size) if dest.s3 else 0
+    if dest.s3:
+        check_part_size(merge_plan.layout, parts)
+    resume = dest.prepare(overwrite, merge_plan, restart, parts)
 
     largest_output = max(u.out_bytes for u in merge_plan.units)
     max_in_flight_bytes = max(2 * workers * largest_output, 256 * 2**20)
@@ -120,22 +122,33 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        writer = ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
-            dest.url, merge_plan.layout, merge_plan.config.storage, parse_size(part_size), resumed_bytes)
+
+        def start_writer(state: Any) -> Any:
+            return ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
+                dest.url, merge_plan.layout, merge_plan.config.storage, parts, state)
+
+        def restart_writer(dead: Any) -> Tuple[Any, Set[int]]:
+            ray.kill(dead)
+            point = dest.resume_point(merge_plan, parts)
+            if point is None:
+                raise MergeFailed(f"the writer actor died and {dest.url} no longer holds its partial shards")
+            return start_writer(point.writer_state), point.finished
+
         bar = _progress_bar(merge_plan, progress)
-        for unit in merge_plan.units:
-            if bar and unit.index in finished:
-                bar.unit_written(unit)
+        driver = Driver(merge_plan, start_writer(resume.writer_state), max_in_flight=2 * workers,
+                        max_in_flight_bytes=max_in_flight_bytes, threads_per_worker=threads_per_worker,
+                        allow_nonfinite=allow_nonfinite, skip_units=resume.finished,
+                        on_written=bar.unit_written if bar else None, restart_writer=restart_writer)
+        if bar:
+            for unit in merge_plan.units:
+                if unit.index in resume.finished:
+                    bar.unit_written(unit)
         try:
-            stats = run_plan(
-                merge_plan, writer, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
-                threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite, skip_units=finished,
-                on_written=bar.unit_written if bar else None)
-            written = ray.get(writer.finalize.remote())
+            stats, written = driver.run()
         except BaseException as err:
             # Interrupted (Ctrl-C, or SIGTERM, which Ray's driver turns into SystemExit): keep
             # what is written, for a resume. Failed: clean up.
-            stop = writer.interrupted if isinstance(err, (KeyboardInterrupt, SystemExit)) else writer.abort
+            stop = driver.writer.interrupted if isinstance(err, (KeyboardInterrupt, SystemExit)) else driver.writer.abort
             try:
                 ray.get(stop.remote())
             except Exception:  # noqa: BLE001 - the original error matters more
@@ -144,7 +157,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         finally:
             if bar:
                 bar.close()
-            ray.kill(writer)
+            ray.kill(driver.writer)
     commit_checkpoint(merge_plan, dest, written["checksums"], written["checksum_algorithm"])
     dest.finish()
     return MergeSummary(
@@ -159,7 +172,8 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         worker_peak_rss=max(stats.worker_peak_rss.values(), default=0),
         workers=len(stats.worker_peak_rss),
         writer_peak_rss=written["peak_rss"],
-        reused_units=len(finished),
+        reused_units=len(resume.finished),
+        writer_restarts=driver.writer_restarts,
     )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, Iterable, List, Optional
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import psutil
 
 import torch
 import yaml
@@ -101,3 +107,47 @@ def assert_ties_parity(ours: Dict[str, torch.Tensor], theirs: Dict[str, torch.Te
 def read_index(path: str) -> dict:
     with open(os.path.join(path, "model.safetensors.index.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def cli_command(*args: str) -> Tuple[List[str], Dict[str, str]]:
+    """The `distmerge` CLI as a subprocess command line, and its environment (Ray on loopback)."""
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return [sys.executable, "-m", "distmerge.cli", *args], env
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and every descendant (Ray's too), by pid."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    for p in [psutil.Process(proc.pid)] + family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def kill_actor_when(class_name: str, ready: Callable[[], bool], killed: list) -> threading.Thread:
+    """A thread that SIGKILLs the Ray actor process of `class_name` (found among this
+    process's descendants, by pid) once `ready()` is true; the pids go into `killed`."""
+
+    def run():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if ready():
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        if class_name in " ".join(proc.cmdline()):
+                            proc.kill()
+                            killed.append(proc.pid)
+                    except psutil.Error:
+                        continue
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread

@@ -9,6 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
+DROP = "drop"
+TRUNCATE = "truncate"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
@@ -21,7 +23,9 @@ def free_port() -> int:
 class S3Proxy:
     """Forwards every request to the moto server; counts GET body bytes; optional fault hook.
 
-    `fault(method, path, headers)` may return (status, body) to answer instead of S3.
+    `fault(method, path, headers)` may return (status, body) to answer instead of S3,
+    DROP to close the connection without answering (after reading the request), or
+    TRUNCATE to relay S3's answer but cut its body in half and close the connection.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -45,7 +49,11 @@ class S3Proxy:
                     proxy.requests.append((self.command, self.path))
                     fault = proxy.fault
                 answer = fault(self.command, self.path, self.headers) if fault else None
-                if answer is not None:
+                if answer == DROP:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if answer is not None and answer != TRUNCATE:
                     status, payload = answer
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
@@ -71,11 +79,19 @@ class S3Proxy:
                 self.send_header("Content-Length", length or str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(payload)
+                    self.wfile.write(payload[:len(payload) // 2] if answer == TRUNCATE else payload)
+                if answer == TRUNCATE:
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # clients killed mid-request: expected
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -15,7 +15,7 @@ from distmerge.io.storage import Storage
 from distmerge.synthetic import LlamaShape, ties_config
 from distmerge.verify import verify_checkpoint
 from helpers import shard_bytes, write_yaml
-from s3util import error_xml
+from s3util import DROP, TRUNCATE, error_xml
 
 
 def _bucket(s3) -> str:
@@ -233,3 +233,75 @@ def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3
         s3.proxy.fault = None
     assert "ft3" in str(info.value)
     assert not (tmp_path / "denied" / "model.safetensors.index.json").exists()
+
+
+def test_dropped_connections_are_retried(ray_local, s3, s3_models, tmp_path):
+    """Connections dropped before answering, and bodies cut mid-transfer, on ranged GETs and on
+    part uploads: retried (bounded), and the output is the same bytes."""
+    paths, urls, bucket = s3_models
+    cfg = _config(tmp_path, urls)
+    distmerge.merge(_config(tmp_path, paths, "local.yml"), str(tmp_path / "local"), num_workers=2)
+    faults = {"drop-header": 0, "drop-get": 0, "truncate-get": 0, "drop-part": 0}
+    seen = {"data": 0, "part": 0}
+
+    def flaky(method, path, headers):
+        if method == "GET" and "Range" in headers and "model-0000" in path:
+            start = headers["Range"].split("=")[1].split("-")[0]
+            if start in ("0", "8"):  # header reads, at planning
+                if faults["drop-header"] < 2:
+                    faults["drop-header"] += 1
+                    return DROP
+                return None
+            seen["data"] += 1
+            kind = "drop-get" if faults["drop-get"] <= faults["truncate-get"] else "truncate-get"
+            if seen["data"] % 2 and faults[kind] < 3:  # every other one, so a retry can succeed
+                faults[kind] += 1
+                return DROP if kind == "drop-get" else TRUNCATE
+        if method == "PUT" and "partNumber=" in path:
+            seen["part"] += 1
+            if seen["part"] % 2 and faults["drop-part"] < 2:
+                faults["drop-part"] += 1
+                return DROP
+        return None
+
+    s3.proxy.fault = flaky
+    out = f"s3://{bucket}/flaky"
+    try:
+        distmerge.merge(cfg, out, storage_options=s3.options, num_workers=2, shard_size="100KB")
+    finally:
+        s3.proxy.fault = None
+    assert faults == {"drop-header": 2, "drop-get": 3, "truncate-get": 3, "drop-part": 2}
+    assert verify_checkpoint(out, against=str(tmp_path / "local"), storage=Storage(s3.options)).ok
+
+
+def test_unreachable_object_fails_after_bounded_attempts(ray_local, s3, s3_models, tmp_path):
+    """Every data read of one input dropped: the merge gives up after the configured number
+    of attempts (s3fs tries x botocore attempts per request), naming the object, and
+    commits nothing."""
+    _, urls, bucket = s3_models
+    cfg = _config(tmp_path, urls)
+    attempts = []
+
+    def always_drop(method, path, headers):
+        start = headers.get("Range", "bytes=0-").split("=")[1].split("-")[0]
+        if method == "GET" and "ft2" in path and start not in ("0", "8"):  # data, not headers
+            attempts.append(path)
+            return DROP
+        return None
+
+    s3.proxy.fault = always_drop
+    out = f"s3://{bucket}/unreachable"
+    options = {**s3.options, "retries": 2, "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 2}}}
+    try:
+        with pytest.raises(MergeFailed) as info:
+            distmerge.merge(cfg, out, storage_options=options, num_workers=2)
+    finally:
+        s3.proxy.fault = None
+    assert "ft2" in str(info.value) and "ConnectionClosedError" in str(info.value)
+    # one failing range read: 2 x 2 requests (aiohttp may resend once on a pooled connection);
+    # ranges of other units may be in flight at the same time, each bounded the same way
+    first = attempts[0]
+    assert 2 <= attempts.count(first) <= 8
+    assert not s3.client().list_multipart_uploads(Bucket=bucket, Prefix="unreachable/").get("Uploads")
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix="unreachable/").get("Contents", [])
+    assert not listed

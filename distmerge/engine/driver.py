@@ -4,12 +4,16 @@ Units are Ray tasks (retried by Ray if their worker dies); their output bytes go
 straight from the object store to the writer actor without passing through the driver.
 At most `max_in_flight` units are computing or waiting to be written at any time,
 and never more than `max_in_flight_bytes` of output.
+
+If the writer actor dies, a new one is started from what the destination holds durably
+(`restart_writer`): units it lost are computed again, writes that were in flight are
+sent again, and the merge carries on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit
 from distmerge.errors import MergeFailed
@@ -17,6 +21,7 @@ from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
 
 TASK_RETRIES = 3
+WRITER_RESTARTS = 3
 
 
 @dataclass
@@ -38,7 +43,8 @@ def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
 class Driver:
     def __init__(self, plan: MergePlan, writer: Any, *, max_in_flight: int, max_in_flight_bytes: int,
                  threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None,
-                 allow_nonfinite: bool = False, skip_units: Optional[set] = None) -> None:
+                 allow_nonfinite: bool = False, skip_units: Optional[set] = None,
+                 restart_writer: Optional[Callable[[Any], Tuple[Any, Set[int]]]] = None) -> None:
         import ray
 
         self.ray = ray
@@ -48,7 +54,11 @@ class Driver:
         self.max_in_flight_bytes = max_in_flight_bytes
         self.threads = threads_per_worker
         self.allow_nonfinite = allow_nonfinite
-        self.skip_units = skip_units or set()
+        self.durable: Set[int] = set(skip_units or ())  # units the writer holds for sure
+        self.acknowledged: Set[int] = set()  # units the writer took (maybe not durable yet)
+        self.reported: Set[int] = set(self.durable)
+        self.restart_writer = restart_writer
+        self.writer_restarts = 0
         self.on_written = on_written or (lambda unit: None)
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
@@ -115,9 +125,10 @@ class Driver:
 
     def run_apply(self, reduced: Dict[str, List[Any]]) -> None:
         method_name = self.plan.config.method.name
-        pending = [u for u in self.plan.units if u.index not in self.skip_units]
+        done = self.durable | self.acknowledged
+        pending = [u for u in self.plan.units if u.index not in done]
         computing: Dict[Any, tuple] = {}  # stats ref -> (unit, data ref)
-        writing: Dict[Any, WorkUnit] = {}
+        writing: Dict[Any, tuple] = {}  # write ref -> (unit, data ref)
         in_flight_bytes = 0
         while pending or computing or writing:
             while pending and len(computing) + len(writing) < self.max_in_flight and (
@@ -128,28 +139,67 @@ class Driver:
                                                              self.threads, self.allow_nonfinite)
                 computing[stats_ref] = (unit, data_ref)
                 in_flight_bytes += unit.out_bytes
-            done, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)
-            for ref in done:
+            ready, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)
+            for ref in ready:
                 if ref in computing:
                     unit, data_ref = computing.pop(ref)
                     try:
                         self.stats.add(self.ray.get(ref))
                     except Exception as err:  # noqa: BLE001
                         raise _failure(unit, err) from err
-                    segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
-                    writing[self.writer.write.remote(segments, data_ref, unit.index)] = unit
-                else:
-                    unit = writing.pop(ref)
-                    try:
-                        self.stats.written_bytes += self.ray.get(ref)
-                    except Exception as err:  # noqa: BLE001
-                        raise _failure(unit, err) from err
-                    in_flight_bytes -= unit.out_bytes
-                    self.on_written(unit)
+                    writing[self._write(unit, data_ref)] = (unit, data_ref)
+                    continue
+                unit, data_ref = writing.pop(ref)
+                try:
+                    self.stats.written_bytes += self.ray.get(ref)
+                except self.ray.exceptions.RayActorError as err:
+                    writing[ref] = (unit, data_ref)
+                    lost = self._replace_writer(err)
+                    in_flight_bytes -= sum(u.out_bytes for u, _ in writing.values() if u.index in self.durable)
+                    writing = {self._write(u, d): (u, d) for u, d in writing.values() if u.index not in self.durable}
+                    pending = lost + pending
+                    break
+                except Exception as err:  # noqa: BLE001
+                    raise _failure(unit, err) from err
+                in_flight_bytes -= unit.out_bytes
+                self.acknowledged.add(unit.index)
+                self._report(unit)
 
+    def _write(self, unit: WorkUnit, data_ref: Any) -> Any:
+        segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
+        return self.writer.write.remote(segments, data_ref, unit.index)
 
-def run_plan(plan: MergePlan, writer: Any, **options: Any) -> RunStats:
-    driver = Driver(plan, writer, **options)
-    reduced = driver.run_statistics()
-    driver.run_apply(reduced)
-    return driver.stats
+    def _report(self, unit: WorkUnit) -> None:
+        if unit.index not in self.reported:
+            self.reported.add(unit.index)
+            self.on_written(unit)
+
+    def _replace_writer(self, err: BaseException) -> List[WorkUnit]:
+        """Start a new writer from the durable state; return the acknowledged units it lost."""
+        if self.restart_writer is None or self.writer_restarts >= WRITER_RESTARTS:
+            raise MergeFailed(f"the writer actor died ({self.writer_restarts} restart(s) so far): {err}") from err
+        self.writer_restarts += 1
+        self.writer, durable = self.restart_writer(self.writer)
+        self.durable = set(durable)
+        lost = sorted(self.acknowledged - self.durable)
+        self.acknowledged = set()
+        for unit in self.plan.units:
+            if unit.index in self.durable:
+                self._report(unit)
+        return [self.plan.units[u] for u in lost]
+
+    def run(self) -> Tuple[RunStats, Dict[str, Any]]:
+        """Run the whole merge; return the run's statistics and what the writer's finalize
+        reported. `self.writer` is the live writer actor afterwards (and after a failure)."""
+        reduced = self.run_statistics()
+        self.run_apply(reduced)
+        return self.stats, self.finalize(reduced)
+
+    def finalize(self, reduced: Dict[str, List[Any]]) -> Dict[str, Any]:
+        """Have the writer commit its shards; if it dies first, restart it and finish the units it lost."""
+        while True:
+            try:
+                return self.ray.get(self.writer.finalize.remote())
+            except self.ray.exceptions.RayActorError as err:
+                self._replace_writer(err)
+                self.run_apply(reduced)

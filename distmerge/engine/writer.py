@@ -21,23 +21,22 @@ from distmerge.io.progress import ProgressLog
 from distmerge.memory import peak_rss
 
 
-
 class ShardWriter:
     def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0,
-                 resumed_bytes: Optional[List[int]] = None) -> None:
+                 resume: Optional[List[int]] = None) -> None:
         """Open the shards: fresh (truncated, header written), or as left by an interrupted
-        run when `resumed_bytes` (data bytes already written per shard) is given.
+        run when `resume` (data bytes already written per shard) is given.
 
         `storage` and `part_size` are unused here; they keep one constructor for every writer.
         """
         self.out_dir = out_dir
         self.layout = layout
         self.fds: List[int] = []
-        self.written = list(resumed_bytes) if resumed_bytes is not None else [0] * len(layout.shards)
+        self.written = list(resume) if resume is not None else [0] * len(layout.shards)
         self.progress = ProgressLog(out_dir)
         for shard in layout.shards:
             path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
-            if resumed_bytes is not None:
+            if resume is not None:
                 fd = os.open(path, os.O_RDWR)
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -70,6 +69,7 @@ class ShardWriter:
             fd = self.fds[i]
             checksums[shard.file_name] = checksum.checksum_of(
                 lambda a, b, fd=fd: os.pread(fd, b - a, a), shard.size, checksum.LOCAL_BLOCK)
+        self.progress.flush(self.fds)  # so a crash among the renames below still resumes
         for fd in self.fds:
             os.fsync(fd)
             os.close(fd)
@@ -98,8 +98,7 @@ class ShardWriter:
                 os.remove(os.path.join(self.out_dir, shard.file_name + PARTIAL_SUFFIX))
             except FileNotFoundError:
                 pass
-        progress.remove(self.out_dir)
-
+        progress.remove_local(self.out_dir)
 
 
 def writer_class(out: str):

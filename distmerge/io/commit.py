@@ -8,10 +8,13 @@ model card) are in place; a destination without it is visibly incomplete.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import posixpath
-from typing import List, Optional, Set
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Set, Tuple
 
 import yaml
 
@@ -30,12 +33,24 @@ COMPANION_FILES = (
 )
 
 
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(" + re.escape(PARTIAL_SUFFIX) + ")?")
+
+
+@dataclass
+class ResumePoint:
+    """What an interrupted merge left that a new writer can carry on from."""
+
+    finished: Set[int] = field(default_factory=set)  # units whose bytes are durable
+    writer_state: Any = None  # the writer's `resume` argument (None: start fresh)
+
+
 class Destination:
     """File operations on the output location, local or remote."""
 
     def __init__(self, url: str, storage: Storage) -> None:
         self.url = url.rstrip("/") if is_remote(url) else os.path.abspath(url)
         self.remote = is_remote(url)
+        self.s3 = self.remote and split_url(self.url)[0] == "s3"
         self.storage = storage
         self.fs = storage.filesystem(self.url) if self.remote else None
 
@@ -64,6 +79,15 @@ class Destination:
         except FileNotFoundError:
             pass
 
+    def read(self, name: str) -> Optional[bytes]:
+        try:
+            if self.remote:
+                return self.fs.cat_file(self.path(name))
+            with open(self.path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
     def write(self, name: str, data: bytes) -> None:
         if self.remote:
             self.fs.pipe_file(self.path(name), data)
@@ -75,51 +99,117 @@ class Destination:
             os.fsync(f.fileno())
         os.replace(tmp, self.path(name))
 
-    def prepare(self, overwrite: bool, plan: MergePlan, restart: bool = False) -> Set[int]:
-        """Make the destination ready; return the units an interrupted run already wrote.
+    def recorded_options(self) -> dict:
+        """The options of an interrupted merge here (empty if none), so a resume plans alike."""
+        return progress.recorded_options(self) if INDEX_NAME not in self.names() else {}
 
-        A finished checkpoint is refused unless `overwrite`. An interrupted local merge of
-        the same plan is resumed (its finished units are returned); one of a different
-        plan is refused, saying what changed, unless `restart` discards it.
+    def prepare(self, overwrite: bool, plan: MergePlan, restart: bool = False, part_size: int = 0) -> ResumePoint:
+        """Make the destination ready; return what an interrupted run of this plan left.
+
+        A finished checkpoint (one with an index) is refused unless `overwrite`. An
+        interrupted merge (a manifest or partial shards, no index) of the same plan is
+        resumed; one of a different plan is refused, saying what changed, unless
+        `restart` discards it.
         """
         if not self.remote and os.path.exists(self.url) and not os.path.isdir(self.url):
             raise OutputError(f"output {self.url} exists and is not a directory")
-        existing = self.existing_checkpoint()
-        if existing and not overwrite:
-            raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
-                              "pass --overwrite (overwrite=True) to replace it")
-        if not self.remote:
-            os.makedirs(self.url, exist_ok=True)
-        # The index goes first, so a half-removed checkpoint never looks finished; then the
-        # old checkpoint's companion files, which could belong to another base model.
-        for name in existing + [n for n in (*COMPANION_FILES, "config.json", "README.md") if existing]:
-            self.remove(name)
-        if self.remote:
-            if split_url(self.url)[0] == "s3":
-                from distmerge.io.multipart import abort_uploads_under
-
-                abort_uploads_under(self.fs, self.url)
-            return set()
-        partials = [n for n in self.names() if n.startswith("model-") and n.endswith(".safetensors" + PARTIAL_SUFFIX)]
-        interrupted = bool(partials) or progress.MANIFEST in self.names()
+        names = self.names()
+        ours = [n for n in names if SHARD_NAME.fullmatch(n)]
+        interrupted = INDEX_NAME not in names and (
+            progress.MANIFEST in names or any(n.endswith(PARTIAL_SUFFIX) for n in ours))
         if interrupted and not restart:
-            expected = {s.file_name + PARTIAL_SUFFIX: s.size for s in plan.layout.shards}
-            changes = progress.changed_since(self.url, plan)
-            if not changes and sorted(partials) == sorted(expected) and all(
-                    os.path.getsize(self.path(n)) == size for n, size in expected.items()):
-                return progress.finished_units(self.url, len(plan.units))
+            changes = progress.changed_since(self, plan, part_size)
+            point = None if changes else self.resume_point(plan, part_size)
+            if point is not None:
+                return point
             reason = "; ".join(changes) or "its partial shards do not match the plan"
             raise OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
                               "Pass --restart (restart=True) to discard it and start over")
-        for name in partials:  # an interrupted merge's shards (any shard count), not others' files
-            self.remove(name)
-        progress.write_manifest(self.url, plan)
-        return set()
+        if interrupted:
+            for name in ours:  # the interrupted merge's shards (any shard count), not others' files
+                self.remove(name)
+        else:
+            existing = self.existing_checkpoint()
+            if existing and not overwrite:
+                raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
+                                  "pass --overwrite (overwrite=True) to replace it")
+            # The index goes first, so a half-removed checkpoint never looks finished; then
+            # the old checkpoint's companion files, which could belong to another base model.
+            for name in existing + [n for n in (*COMPANION_FILES, "config.json", "README.md") if existing]:
+                self.remove(name)
+        self._drop_resume_state()
+        if not self.remote:
+            os.makedirs(self.url, exist_ok=True)
+        progress.write_manifest(self, plan, part_size)
+        return ResumePoint()
+
+    def resume_point(self, plan: MergePlan, part_size: int = 0) -> Optional[ResumePoint]:
+        """What is durable here of `plan`'s output; None if it does not fit the plan.
+
+        Also how a dead writer's replacement learns where to carry on. No writer may be
+        running: local shards that an interrupted commit already renamed go back to their
+        partial names.
+        """
+        if self.s3:
+            from distmerge.io.multipart import done_ranges, recover_uploads
+
+            states = recover_uploads(self.fs, self.url, plan.layout, part_size)
+            return ResumePoint(units_within(plan, done_ranges(states, plan.layout, part_size)), states)
+        if self.remote:
+            return None
+        expected = {s.file_name + PARTIAL_SUFFIX: s.size for s in plan.layout.shards}
+        for shard in plan.layout.shards:
+            if os.path.exists(self.path(shard.file_name)):
+                os.replace(self.path(shard.file_name), self.path(shard.file_name + PARTIAL_SUFFIX))
+        partials = sorted(n for n in self.names() if SHARD_NAME.fullmatch(n) and n.endswith(PARTIAL_SUFFIX))
+        if partials != sorted(expected) or any(os.path.getsize(self.path(n)) != size for n, size in expected.items()):
+            return None
+        finished = progress.finished_units(self.url, len(plan.units))
+        written = [0] * len(plan.layout.shards)
+        for unit in plan.units:
+            if unit.index in finished:
+                for piece in unit.pieces:
+                    written[piece.shard] += piece.out_nbytes
+        return ResumePoint(finished, written)
+
+    def _drop_resume_state(self) -> None:
+        if self.s3:
+            from distmerge.io.multipart import abort_uploads_under, remove_resume_state
+
+            abort_uploads_under(self.fs, self.url)
+            remove_resume_state(self.fs, self.url)
+        elif not self.remote:
+            progress.remove_local(self.url)
 
     def finish(self) -> None:
         """Drop the resume state once the checkpoint is committed."""
-        if not self.remote:
-            progress.remove(self.url)
+        if self.s3:
+            from distmerge.io.multipart import remove_resume_state
+
+            remove_resume_state(self.fs, self.url)
+        elif not self.remote:
+            progress.remove_local(self.url)
+
+
+def units_within(plan: MergePlan, ranges: List[List[Tuple[int, int]]]) -> Set[int]:
+    """Units whose every output byte lies in the given (sorted) byte ranges of their shards."""
+    merged: List[List[Tuple[int, int]]] = []
+    for shard_ranges in ranges:
+        spans: List[Tuple[int, int]] = []
+        for start, end in shard_ranges:
+            if spans and start <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+            else:
+                spans.append((start, end))
+        merged.append(spans)
+    starts = [[a for a, _ in spans] for spans in merged]
+
+    def covered(shard: int, start: int, end: int) -> bool:
+        i = bisect.bisect_right(starts[shard], start) - 1
+        return i >= 0 and merged[shard][i][1] >= end
+
+    return {u.index for u in plan.units
+            if all(covered(p.shard, p.out_offset, p.out_offset + p.out_nbytes) for p in u.pieces)}
 
 
 def existing_checkpoint(out: str, storage: Storage) -> List[str]:

@@ -1,64 +1,213 @@
 """Writing output shards to S3 as multipart uploads, parts uploaded as they fill.
 
 Each shard is one multipart upload. Shard bytes are cut into fixed-size parts
-(`part_size`, at least 5 MiB as S3 requires, the last part shorter); results arrive
-at arbitrary offsets, fill their parts' buffers, and a part is uploaded (in a small
-thread pool, in whatever order parts complete) as soon as it is full. A shard becomes
-an object only when `finalize` completes its upload after every part is in; `abort`
-(or any failure) aborts every upload, so no orphaned parts and no object remain.
+(`part_size`, 5 MiB to 5 GiB as S3 requires, the last part shorter, at most 10,000 per
+shard); results arrive at arbitrary offsets, fill their parts' buffers, and a part is
+uploaded (in a small thread pool, in whatever order parts complete) as soon as it is
+full. A shard becomes an object only when `finalize` completes its upload after every
+part is in; `abort` (any failure) aborts every upload, so no orphaned parts remain.
+
+Resume state lives under the output prefix: the in-progress uploads and their parts,
+plus one empty marker object per uploaded part,
+`.distmerge-parts/<shard>/<part>-<etag>-<sha256>`, written after the part's upload
+succeeded. The marker carries the part's SHA-256 (for the index checksums; S3 cannot
+return part bytes before completion) and its ETag ties it to the very part S3 holds.
+A part counts as done only when S3 lists it with the marker's ETag and the expected
+size; everything else is uploaded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from distmerge.errors import MergeFailed
+from distmerge.errors import MergeFailed, OutputError
 from distmerge.io import checksum
 from distmerge.io.layout import OutputLayout
+from distmerge.io.progress import MANIFEST
 from distmerge.io.storage import Storage, join
 from distmerge.memory import peak_rss
 
 MIN_PART_SIZE = 5 * 2**20
+MAX_PART_SIZE = 5 * 2**30
+MAX_PARTS = 10_000
 DEFAULT_PART_SIZE = 64 * 2**20
 UPLOAD_THREADS = 4
+MARKERS = ".distmerge-parts"
+
+
+def bucket_and_prefix(fs, url: str) -> Tuple[str, str]:
+    """("bucket", "some/prefix/") for s3://bucket/some/prefix; ("bucket", "") at a bucket root."""
+    bucket, path, _ = fs.split_path(url)
+    return bucket, (path.strip("/") + "/" if path.strip("/") else "")
+
+
+def part_count(size: int, part_size: int) -> int:
+    return max(1, -(-size // part_size))
+
+
+def check_part_size(layout: OutputLayout, part_size: int) -> None:
+    """Refuse part sizes S3 will not take, before anything is uploaded."""
+    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+        raise OutputError(f"--part-size {part_size} bytes is outside S3's limits (5 MiB to 5 GiB)")
+    for shard in layout.shards:
+        if part_count(shard.size, part_size) > MAX_PARTS:
+            need = -(-shard.size // MAX_PARTS)
+            raise OutputError(f"{shard.file_name} ({shard.size} bytes) would need more than {MAX_PARTS} parts of "
+                              f"{part_size} bytes; pass --part-size {max(need, MIN_PART_SIZE)} or more, "
+                              "or a smaller --shard-size")
+
+
+def _pages(fs, method: str, items: str, cursor: Dict[str, str], **request) -> Iterator[dict]:
+    """Every item of a paginated S3 listing; `cursor` maps request keys to response keys."""
+    while True:
+        response = fs.call_s3(method, **request)
+        yield from response.get(items, [])
+        if not response.get("IsTruncated"):
+            return
+        request.update({ask: response[answer] for ask, answer in cursor.items() if response.get(answer)})
+
+
+def list_uploads(fs, url: str) -> List[Tuple[str, str]]:
+    """(key, upload id) of every unfinished multipart upload under the prefix `url`."""
+    bucket, prefix = bucket_and_prefix(fs, url)
+    pages = _pages(fs, "list_multipart_uploads", "Uploads",
+                   {"KeyMarker": "NextKeyMarker", "UploadIdMarker": "NextUploadIdMarker"},
+                   Bucket=bucket, Prefix=prefix)
+    return [(u["Key"], u["UploadId"]) for u in pages]
 
 
 def abort_uploads_under(fs, url: str) -> int:
     """Abort every unfinished multipart upload under the prefix `url`; return how many."""
-    bucket, prefix, _ = fs.split_path(url)
-    aborted = 0
-    response = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-    for upload in response.get("Uploads", []):
-        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-        aborted += 1
-    return aborted
+    bucket, _ = bucket_and_prefix(fs, url)
+    uploads = list_uploads(fs, url)
+    for key, upload_id in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    return len(uploads)
+
+
+def remove_resume_state(fs, url: str) -> None:
+    """Delete the part markers and the manifest (after a commit, a failure, or to restart)."""
+    fs.invalidate_cache()
+    markers = fs.find(join(url, MARKERS))
+    if markers:
+        fs.rm(markers)
+    try:
+        fs.rm_file(join(url, MANIFEST))
+    except FileNotFoundError:
+        pass
+
+
+def multipart_etag(part_etags: Sequence[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags (unencrypted)."""
+    joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+    return f"{hashlib.md5(joined).hexdigest()}-{len(part_etags)}"
+
+
+@dataclass
+class ShardUpload:
+    """What S3 holds of one shard: its upload and the parts done, or the completed object."""
+
+    upload_id: Optional[str] = None
+    parts: Dict[int, Tuple[str, bytes]] = field(default_factory=dict)  # part index -> (ETag, sha256)
+    complete: bool = False
+
+
+def _markers(fs, url: str) -> Dict[Tuple[str, int], Tuple[str, bytes]]:
+    found = {}
+    for path in fs.find(join(url, MARKERS)):
+        shard_name, leaf = path.split("/")[-2:]
+        try:
+            part, etag, digest = leaf.split("-")
+            found[(shard_name, int(part) - 1)] = (etag, bytes.fromhex(digest))
+        except ValueError:
+            continue  # not ours
+    return found
+
+
+def recover_uploads(fs, url: str, layout: OutputLayout, part_size: int) -> List[ShardUpload]:
+    """What an interrupted merge left under `url`, checked against S3 (see the module doc).
+
+    Uploads that cannot be reused (a second upload of one key, keys outside the layout)
+    are aborted; a shard object that does not match its markers is deleted.
+    """
+    fs.invalidate_cache()
+    bucket, prefix = bucket_and_prefix(fs, url)
+    markers = _markers(fs, url)
+    uploads: Dict[str, List[str]] = {}
+    for key, upload_id in list_uploads(fs, url):
+        uploads.setdefault(key, []).append(upload_id)
+    wanted = {prefix + s.file_name for s in layout.shards}
+    for key in set(uploads) - wanted:
+        for upload_id in uploads.pop(key):
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    states = []
+    for shard in layout.shards:
+        key = prefix + shard.file_name
+        n = part_count(shard.size, part_size)
+        mine = {p: markers[(shard.file_name, p)] for p in range(n) if (shard.file_name, p) in markers}
+        state = ShardUpload()
+        try:
+            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            head = None
+        if head is not None:
+            if (len(mine) == n and head.get("ContentLength") == shard.size
+                    and head.get("ETag", "").strip('"') == multipart_etag([mine[p][0] for p in range(n)])):
+                state = ShardUpload(parts=mine, complete=True)
+            else:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        ids = uploads.get(key, [])
+        if state.complete or len(ids) != 1:
+            for upload_id in ids:
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        else:
+            state.upload_id = ids[0]
+            listed = _pages(fs, "list_parts", "Parts", {"PartNumberMarker": "NextPartNumberMarker"},
+                            Bucket=bucket, Key=key, UploadId=ids[0])
+            for part in listed:
+                p = part["PartNumber"] - 1
+                expected_size = min(part_size, shard.size - p * part_size)
+                if p in mine and mine[p][0] == part["ETag"].strip('"') and part["Size"] == expected_size:
+                    state.parts[p] = mine[p]
+        states.append(state)
+    return states
+
+
+def done_ranges(states: Sequence[ShardUpload], layout: OutputLayout, part_size: int) -> List[List[Tuple[int, int]]]:
+    """Per shard, the byte ranges S3 already holds."""
+    ranges = []
+    for state, shard in zip(states, layout.shards):
+        ranges.append(sorted((p * part_size, min(shard.size, (p + 1) * part_size)) for p in state.parts))
+    return ranges
 
 
 class MultipartShardWriter:
     def __init__(self, out_url: str, layout: OutputLayout, storage: Storage, part_size: int = DEFAULT_PART_SIZE,
-                 resumed_bytes: None = None) -> None:
-        if part_size < MIN_PART_SIZE:
-            raise ValueError(f"part size {part_size} is below S3's 5 MiB minimum")
+                 resume: Optional[List[ShardUpload]] = None) -> None:
+        """Start one upload per shard, or carry on with the uploads of an interrupted run."""
+        check_part_size(layout, part_size)
         self.fs = storage.filesystem(out_url)
+        self.url = out_url
         self.layout = layout
         self.part_size = part_size
+        self.states = resume if resume is not None else [ShardUpload() for _ in layout.shards]
         self.keys: List[Tuple[str, str]] = []
-        self.upload_ids: List[str] = []
         self.buffers: Dict[Tuple[int, int], bytearray] = {}
         self.filled: Dict[Tuple[int, int], int] = {}
-        self.etags: Dict[Tuple[int, int], str] = {}
-        self.digests: Dict[Tuple[int, int], bytes] = {}
         self.futures: List[Future] = []
         self.pool = ThreadPoolExecutor(UPLOAD_THREADS)
+        bucket, prefix = bucket_and_prefix(self.fs, out_url)
         try:
-            for shard in layout.shards:
-                bucket, key, _ = self.fs.split_path(join(out_url, shard.file_name))
-                response = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-                self.keys.append((bucket, key))
-                self.upload_ids.append(response["UploadId"])
+            for shard, state in zip(layout.shards, self.states):
+                self.keys.append((bucket, prefix + shard.file_name))
+                if state.upload_id is None and not state.complete:
+                    response = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=prefix + shard.file_name)
+                    state.upload_id = response["UploadId"]
             for i, shard in enumerate(layout.shards):
                 self._put(i, 0, memoryview(shard.header))
         except BaseException:
@@ -66,33 +215,39 @@ class MultipartShardWriter:
             raise
 
     def _parts(self, shard: int) -> int:
-        size = self.layout.shards[shard].size
-        return max(1, -(-size // self.part_size))
+        return part_count(self.layout.shards[shard].size, self.part_size)
 
     def _part_length(self, shard: int, part: int) -> int:
         size = self.layout.shards[shard].size
         return min(self.part_size, size - part * self.part_size)
 
     def _put(self, shard: int, offset: int, data: memoryview) -> None:
+        done = self.states[shard].parts
         while len(data):
             part = offset // self.part_size
             part_start = part * self.part_size
             length = self._part_length(shard, part)
-            buffer = self.buffers.setdefault((shard, part), bytearray(length))
             n = min(len(data), part_start + length - offset)
-            buffer[offset - part_start:offset - part_start + n] = data[:n]
-            self.filled[(shard, part)] = self.filled.get((shard, part), 0) + n
-            if self.filled[(shard, part)] == length:
-                self.futures.append(self.pool.submit(self._upload, shard, part, self.buffers.pop((shard, part))))
+            if part not in done:  # else S3 holds these bytes already (a resumed run recomputes them)
+                buffer = self.buffers.setdefault((shard, part), bytearray(length))
+                buffer[offset - part_start:offset - part_start + n] = data[:n]
+                self.filled[(shard, part)] = self.filled.get((shard, part), 0) + n
+                if self.filled[(shard, part)] == length:
+                    del self.filled[(shard, part)]
+                    self.futures.append(self.pool.submit(self._upload, shard, part, self.buffers.pop((shard, part))))
             offset += n
             data = data[n:]
 
     def _upload(self, shard: int, part: int, body: bytearray) -> None:
-        self.digests[(shard, part)] = checksum.block_digest(body)
+        digest = checksum.block_digest(body)
         bucket, key = self.keys[shard]
-        response = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=self.upload_ids[shard],
+        state = self.states[shard]
+        response = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=state.upload_id,
                                    PartNumber=part + 1, Body=bytes(body))
-        self.etags[(shard, part)] = response["ETag"]
+        etag = response["ETag"].strip('"')
+        marker = join(self.url, MARKERS, self.layout.shards[shard].file_name, f"{part + 1:05d}-{etag}-{digest.hex()}")
+        self.fs.pipe_file(marker, b"")
+        state.parts[part] = (etag, digest)
 
     def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
         view = memoryview(data).cast("B")
@@ -112,32 +267,45 @@ class MultipartShardWriter:
                 pending.append(future)
         self.futures = pending
 
-    def finalize(self) -> Dict[str, int]:
+    def finalize(self) -> Dict[str, object]:
         self._raise_upload_errors(wait=True)
         for i, shard in enumerate(self.layout.shards):
-            missing = [p + 1 for p in range(self._parts(i)) if (i, p) not in self.etags]
+            missing = [p + 1 for p in range(self._parts(i)) if p not in self.states[i].parts]
             if missing:
                 raise MergeFailed(f"{shard.file_name}: parts {missing[:5]} were never completed")
         for i, (bucket, key) in enumerate(self.keys):
-            parts = [{"PartNumber": p + 1, "ETag": self.etags[(i, p)]} for p in range(self._parts(i))]
-            self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=self.upload_ids[i],
+            state = self.states[i]
+            if state.complete:
+                continue
+            parts = [{"PartNumber": p + 1, "ETag": f'"{state.parts[p][0]}"'} for p in range(self._parts(i))]
+            self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=state.upload_id,
                             MultipartUpload={"Parts": parts})
+            state.complete = True
         self.pool.shutdown()
-        checksums = {shard.file_name: checksum.combine(self.digests[(i, p)] for p in range(self._parts(i)))
+        checksums = {shard.file_name: checksum.combine(self.states[i].parts[p][1] for p in range(self._parts(i)))
                      for i, shard in enumerate(self.layout.shards)}
         return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
                 "checksums": checksums, "checksum_algorithm": checksum.describe(self.part_size)}
 
     def interrupted(self) -> None:
-        """S3 outputs do not resume yet: an interrupted merge aborts its uploads."""
-        self.abort()
-
-    def abort(self) -> None:
+        """Let running part uploads finish (and leave their markers); keep the uploads for a resume."""
         self.pool.shutdown(wait=True, cancel_futures=True)
-        for (bucket, key), upload_id in zip(self.keys, self.upload_ids):
-            try:
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - abort the others anyway
-                pass
         self.buffers.clear()
 
+    def abort(self) -> None:
+        """Abort every upload, delete shards already completed, and drop the resume state:
+        a failed merge leaves no shard and starts over."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for (bucket, key), state in zip(self.keys, self.states):
+            try:
+                if state.complete:
+                    self.fs.call_s3("delete_object", Bucket=bucket, Key=key)
+                elif state.upload_id is not None:
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=state.upload_id)
+            except Exception:  # noqa: BLE001 - clean up the others anyway
+                pass
+        try:
+            remove_resume_state(self.fs, self.url)
+        except Exception:  # noqa: BLE001 - the failure that brought us here matters more
+            pass
+        self.buffers.clear()

@@ -1,11 +1,13 @@
-"""Resumable local merges: a manifest that pins the plan, and a log of finished units.
+"""Resumable merges: a manifest that pins the plan, and a record of what is durable.
 
-`.distmerge-manifest.json` records fingerprints of what shapes the output bytes (the
-config, the inputs' versions, the plan: layout, units and their offsets). The writer
-appends the index of each unit to `.distmerge-progress` only after that unit's bytes
-are synced to the shard files, so after a crash every logged unit is on disk. A re-run
-of the same merge reuses them; a re-run of a different one is refused (with what
-changed) unless told to restart.
+`.distmerge-manifest.json`, next to the output (a local directory or an S3 prefix),
+records fingerprints of what shapes the output bytes (the config, the inputs'
+versions, the plan: layout, units and their offsets; the multipart part size on S3)
+and the options the plan was made with. What is durable is recorded by the writer:
+locally, `.distmerge-progress` lists each unit only after its bytes are synced to the
+shard files; on S3, the in-progress multipart uploads and their parts are the record
+(see `multipart.py`). A re-run of the same merge reuses that work; a re-run of a
+different one is refused (saying what changed) unless told to restart.
 """
 
 from __future__ import annotations
@@ -13,50 +15,76 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import TYPE_CHECKING, Dict, Set
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Set
 
 if TYPE_CHECKING:  # the writer actor imports this module and must not pay for torch
     from distmerge.planner import MergePlan
 
 MANIFEST = ".distmerge-manifest.json"
 PROGRESS = ".distmerge-progress"
+MANIFEST_VERSION = 2
 WHAT = {
     "config": "the merge config changed",
     "inputs": "an input model changed (a file's size, ETag or modification time)",
     "plan": "the options that shape the output changed (shard size, memory per worker, dtypes, ...)",
+    "parts": "the multipart part size (--part-size) changed",
 }
+
+
+class StateFiles(Protocol):
+    """Small files next to the output (a `Destination`)."""
+
+    def read(self, name: str) -> Optional[bytes]: ...
+
+    def write(self, name: str, data: bytes) -> None: ...
 
 
 def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprints(plan: MergePlan) -> Dict[str, str]:
+def fingerprints(plan: MergePlan, part_size: int = 0) -> Dict[str, str]:
     units = [[(p.meta.tensor, p.meta.row_start, p.meta.row_end, p.shard, p.out_offset, p.out_nbytes)
               for p in u.pieces] for u in plan.units]
     return {
         "config": _digest(plan.config.text),
         "inputs": _digest([sorted(c.versions.items()) for c in plan.checkpoints]),
         "plan": _digest([plan.layout.index_json(), [s.header.hex() for s in plan.layout.shards], units]),
+        "parts": _digest(part_size),
     }
 
 
-def write_manifest(out_dir: str, plan: MergePlan) -> None:
-    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump({"version": 1, "units": len(plan.units), "fingerprints": fingerprints(plan)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    open(os.path.join(out_dir, PROGRESS), "w").close()
+def write_manifest(files: StateFiles, plan: MergePlan, part_size: int = 0) -> None:
+    manifest = {"version": MANIFEST_VERSION, "units": len(plan.units),
+                "fingerprints": fingerprints(plan, part_size),
+                "options": {"memory_per_worker": plan.memory_per_worker, "part_size": part_size}}
+    files.write(MANIFEST, json.dumps(manifest).encode())
 
 
-def changed_since(out_dir: str, plan: MergePlan) -> list:
-    """What differs between the interrupted merge in `out_dir` and `plan` (empty: same merge)."""
+def read_manifest(files: StateFiles) -> Optional[dict]:
+    """The interrupted merge's manifest, or None when absent or unreadable."""
     try:
-        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
-            recorded = json.load(f).get("fingerprints", {})
+        data = files.read(MANIFEST)
+        manifest = json.loads(data) if data is not None else None
     except (OSError, ValueError):
-        return ["its manifest is missing or unreadable"]
-    now = fingerprints(plan)
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def recorded_options(files: StateFiles) -> Dict[str, int]:
+    """The options an interrupted merge was planned with (so a resume can plan the same)."""
+    manifest = read_manifest(files) or {}
+    options = manifest.get("options")
+    return {k: v for k, v in options.items() if isinstance(v, int)} if isinstance(options, dict) else {}
+
+
+def changed_since(files: StateFiles, plan: MergePlan, part_size: int = 0) -> List[str]:
+    """What differs between the interrupted merge recorded in `files` and `plan` (empty: same)."""
+    manifest = read_manifest(files)
+    if manifest is None or manifest.get("version") != MANIFEST_VERSION:
+        return ["its manifest is missing, unreadable or from another version"]
+    recorded = manifest.get("fingerprints", {})
+    now = fingerprints(plan, part_size)
     return [WHAT[k] for k in WHAT if recorded.get(k) != now[k]]
 
 
@@ -77,7 +105,7 @@ def finished_units(out_dir: str, unit_count: int) -> Set[int]:
     return done
 
 
-def remove(out_dir: str) -> None:
+def remove_local(out_dir: str) -> None:
     for name in (PROGRESS, MANIFEST):
         try:
             os.remove(os.path.join(out_dir, name))

@@ -1,7 +1,9 @@
 """Byte-range reads of remote objects: concurrent ranged GETs, pinned to one version.
 
 S3 reads go through s3fs's client with `IfMatch: <ETag from the plan>`, so an object
-replaced mid-merge fails with a clear error instead of mixing versions. Other fsspec
+replaced mid-merge fails with a clear error instead of mixing versions. Failed requests
+are retried by s3fs and botocore (bounded; see `Storage.filesystem`); a response body
+cut off mid-transfer, which neither retries, is fetched again here (`BODY_ATTEMPTS`). Other fsspec
 protocols use the filesystem's own concurrent `cat_ranges`, with the object's size and
 version checked before and after. Reads land in one preallocated buffer.
 """
@@ -9,6 +11,7 @@ version checked before and after. Reads land in one preallocated buffer.
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import List, Sequence, Tuple
 
 from distmerge.errors import InputError
@@ -16,10 +19,38 @@ from distmerge.io.storage import Storage, split_url
 
 CHUNK_BYTES = 8 * 2**20
 CONCURRENT_REQUESTS = 8
+BODY_ATTEMPTS = 5
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+TRANSIENT_ERRORS = {"ClientPayloadError", "ClientConnectionError", "ServerDisconnectedError", "IncompleteRead",
+                    "ConnectionError", "TimeoutError", "ReadTimeoutError", "ResponseStreamingError",
+                    "ConnectionClosedError", "ProtocolError"}
+_JITTER = random.Random()
 
 
 def _chunks(start: int, end: int) -> List[Tuple[int, int]]:
     return [(a, min(end, a + CHUNK_BYTES)) for a in range(start, end, CHUNK_BYTES)]
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry `attempt + 1`: exponential, capped, with jitter."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + _JITTER.random() / 2)
+
+
+def _transient(err: BaseException) -> bool:
+    """A dropped or cut-off connection (worth another try), by exception type names, so
+    that aiohttp/botocore internals need not be imported here."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & TRANSIENT_ERRORS)
+
+
+def _read_error(url: str, a: int, b: int, err: BaseException) -> InputError:
+    text = f"{err} {err.__cause__}"
+    if "PreconditionFailed" in text or "pre-conditions" in text:
+        return changed_error(url)
+    if isinstance(err, FileNotFoundError):
+        return InputError(f"{url}: disappeared during the merge")
+    return InputError(f"{url}: reading bytes {a}-{b} failed: {type(err).__name__}: {err}")
 
 
 def changed_error(url: str) -> InputError:
@@ -32,23 +63,29 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, bytearray]])
     limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
     async def one(url: str, bucket: str, key: str, etag: str, view: memoryview, offset: int, a: int, b: int):
-        async with limit:
-            kwargs = dict(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")
-            if etag:
-                kwargs["IfMatch"] = etag
-            try:
-                response = await fs._call_s3("get_object", **kwargs)
-                data = await response["Body"].read()
-            except Exception as err:  # noqa: BLE001 - mapped below
-                text = f"{err} {err.__cause__}"
-                if "PreconditionFailed" in text or "pre-conditions" in text:
-                    raise changed_error(url) from None
-                if isinstance(err, FileNotFoundError):
-                    raise InputError(f"{url}: disappeared during the merge") from None
-                raise
+        kwargs = dict(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")
+        if etag:
+            kwargs["IfMatch"] = etag
+        for attempt in range(BODY_ATTEMPTS):
+            async with limit:
+                try:  # the request itself is retried by s3fs and botocore (bounded)
+                    response = await fs._call_s3("get_object", **kwargs)
+                except Exception as err:  # noqa: BLE001 - mapped to an error naming the object
+                    raise _read_error(url, a, b, err) from None
+                try:  # a body cut off mid-transfer is retried here, with backoff
+                    data = await response["Body"].read()
+                except Exception as err:  # noqa: BLE001
+                    if not _transient(err) or attempt + 1 == BODY_ATTEMPTS:
+                        raise InputError(f"{url}: reading bytes {a}-{b} failed {attempt + 1} time(s), last: "
+                                         f"{type(err).__name__}: {err}") from None
+                    data = None
+            if data is None:
+                await asyncio.sleep(backoff(attempt))
+                continue
             if len(data) != b - a:
                 raise InputError(f"{url}: short read at bytes {a}-{b} ({len(data)} of {b - a})")
             view[a - offset:b - offset] = data
+            return
 
     jobs = []
     for url, start, end, etag, buffer in requests:

@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                "password", "session_token", "secret_access_key", "access_key_id"}
+S3_ATTEMPTS = 5
+S3FS_RETRIES = 3
 _FILESYSTEMS: Dict[Tuple[str, str], Any] = {}
 
 
@@ -75,7 +77,17 @@ class Storage:
             options = dict(self.options) if protocol != "file" else {}
             if protocol == "s3":
                 options.setdefault("default_block_size", 8 * 2**20)
-            _FILESYSTEMS[cache_key] = fsspec.filesystem(protocol, **options)
+                # Bounded retries with backoff: botocore's standard mode (throttling, 5xx,
+                # dropped connections), inside s3fs's own few tries on connection errors.
+                # Both can be set in the storage options (config_kwargs.retries, retries).
+                config = dict(options.get("config_kwargs") or {})
+                config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
+                options["config_kwargs"] = config
+                s3fs_retries = options.pop("retries", S3FS_RETRIES)
+            fs = fsspec.filesystem(protocol, **options)
+            if protocol == "s3":
+                fs.retries = int(s3fs_retries)  # an attribute of s3fs, not a constructor argument
+            _FILESYSTEMS[cache_key] = fs
         return _FILESYSTEMS[cache_key]
 
     def merged(self, extra: Optional[Mapping[str, Any]]) -> "Storage":
