@@ -52,8 +52,12 @@ def test_killed_driver_resumes_bit_identical(config_path, tmp_path):
     partial = sorted(out.glob("model-*.safetensors.partial"))[0]
     partial.rename(out / partial.name[:-len(".partial")])
 
+    # the re-run leaves --memory-per-worker out: the recorded budget is used (the default
+    # one, 1 GiB here, would plan other units and be refused)
     started = time.perf_counter()
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun_cmd, _ = cli_command("merge", config_path, str(out), "--num-workers", "1", "--no-progress",
+                               "--shard-size", "2MB")
+    rerun = subprocess.run(rerun_cmd, env=env, capture_output=True, text=True, timeout=300)
     resume_run = time.perf_counter() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reused = int(rerun.stdout.split("resumed: ")[1].split(" units")[0])
