@@ -33,6 +33,7 @@ class MergeSummary:
     writer_peak_rss: int
     reused_units: int = 0
     writer_restarts: int = 0
+    recomputed_units: int = 0
 
     @property
     def throughput(self) -> float:
@@ -43,7 +44,8 @@ class MergeSummary:
         return (
             f"merged {self.tensors} tensors in {self.units} units into {self.shards} shard(s) at {self.out_dir}"
             + (f" (resumed: {self.reused_units} units reused)" if self.reused_units else "")
-            + (f" (writer actor restarted {self.writer_restarts}x)" if self.writer_restarts else "") + "\n"
+            + (f" (writer actor restarted {self.writer_restarts}x, {self.recomputed_units} units computed again)"
+               if self.writer_restarts else "") + "\n"
             f"read {format_bytes(self.read_bytes)}, wrote {format_bytes(self.written_bytes)} "
             f"in {self.seconds:.1f} s ({format_bytes(self.throughput)}/s read)\n"
             f"peak memory: driver {format_bytes(self.driver_peak_rss)}, "
@@ -81,7 +83,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
           shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, memory_per_worker: Union[int, str, None] = None,
           overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
           storage_options: Optional[Mapping[str, Any]] = None,
-          part_size: Union[int, str] = DEFAULT_PART_SIZE, allow_nonfinite: bool = False,
+          part_size: Union[int, str, None] = None, allow_nonfinite: bool = False,
           restart: bool = False) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
@@ -89,7 +91,8 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     `address="auto"` or `"ray://host:10001"` the merge runs on that cluster. Everything is
     validated before any tensor data is read; on failure nothing that looks like a
     finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
-    fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output.
+    fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output
+    (default 64 MiB, or what the interrupted run being resumed used).
     NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`.
     Re-running an interrupted merge resumes it (units already written are reused; a
     dead writer actor is replaced the same way mid-run); `restart` discards an
@@ -106,8 +109,9 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     merge_config = _as_config(config, storage_options)
     dest = Destination(os.fspath(out_dir), merge_config.storage)
     writer_cls = writer_class(dest.url)
-    if memory_per_worker is None and not restart:
-        memory_per_worker = dest.recorded_options().get("memory_per_worker")  # resume as planned before
+    recorded = dest.recorded_options() if not restart else {}  # a resume plans as the interrupted run did
+    memory_per_worker = memory_per_worker or recorded.get("memory_per_worker")
+    part_size = part_size or recorded.get("part_size") or DEFAULT_PART_SIZE
     merge_plan = plan(merge_config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
     parts = parse_size(part_size) if dest.s3 else 0
     if dest.s3:
@@ -128,7 +132,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
                 dest.url, merge_plan.layout, merge_plan.config.storage, parts, state)
 
         def restart_writer(dead: Any) -> Tuple[Any, Set[int]]:
-            ray.kill(dead)
+            _stop_actor(dead)
             point = dest.resume_point(merge_plan, parts)
             if point is None:
                 raise MergeFailed(f"the writer actor died and {dest.url} no longer holds its partial shards")
@@ -174,7 +178,26 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         writer_peak_rss=written["peak_rss"],
         reused_units=len(resume.finished),
         writer_restarts=driver.writer_restarts,
+        recomputed_units=driver.recomputed,
     )
+
+
+def _stop_actor(actor: Any, timeout: float = 60.0) -> None:
+    """Kill `actor` and wait until Ray reports it dead, so that nothing it still runs can
+    touch the output while its replacement reads what is durable."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.ActorDiedError:
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.1)
+    raise MergeFailed(f"the writer actor did not stop within {timeout:.0f} s; the merge can be resumed by re-running it")
 
 
 class _ProgressBar:

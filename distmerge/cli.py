@@ -41,8 +41,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                             "ray://HOST:10001; default: start a local Ray bound to 127.0.0.1")
         p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
                        help="CPU threads (and Ray CPUs) each merge task uses (default: 1)")
-        p.add_argument("--part-size", default="64MiB", metavar="SIZE",
-                       help="multipart upload part size for s3:// output, at least 5MiB (default: 64MiB)")
+        p.add_argument("--part-size", default=None, metavar="SIZE",
+                       help="multipart upload part size for s3:// output, 5MiB to 5GiB (default: 64MiB, or "
+                            "what the interrupted merge being resumed used)")
         p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
         p.add_argument("--restart", action="store_true",
                        help="discard an interrupted merge in OUT instead of resuming it")

@@ -99,5 +99,24 @@ def test_dead_writer_is_replaced_in_place(ray_local, config_path, tmp_path):
     summary = distmerge.merge(config_path, str(out), **options)
     killer.join()
     assert killed and summary.writer_restarts == 1
+    # only units written but not yet logged (the log is synced every 8) are computed again
+    assert summary.recomputed_units < 8
     assert shard_bytes(str(out)) == shard_bytes(str(tmp_path / "calm"))
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "calm"))
+
+
+def test_manifest_without_shards_starts_afresh(config_path, tmp_path):
+    """Killed while starting (the manifest written, no shard yet): nothing to resume, and
+    nothing to refuse; a finished checkpoint, though, is never taken for an interrupted one."""
+    from distmerge.errors import OutputError
+    from distmerge.io import progress
+    from distmerge.io.commit import Destination
+
+    plan = distmerge.plan(config_path, memory_per_worker="256KiB")
+    dest = Destination(str(tmp_path / "out"), plan.config.storage)
+    assert dest.prepare(False, plan).finished == set()
+    assert (tmp_path / "out" / progress.MANIFEST).exists()
+    assert dest.prepare(False, plan).finished == set()  # the same again: a fresh start, no refusal
+    (tmp_path / "out" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(OutputError, match="already holds a checkpoint"):
+        dest.prepare(False, plan)

@@ -325,11 +325,18 @@ def test_output_at_a_bucket_root(ray_local, s3, s3_models, tmp_path):
     cfg = _config(tmp_path, paths)
     distmerge.merge(cfg, str(tmp_path / "local"), num_workers=2)
     bucket = _bucket(s3)
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="datasets/keep.txt", Body=b"not ours")
+    theirs = {client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+              for key in ("datasets/big.tar", "sub/model-00001-of-00001.safetensors")}
     distmerge.merge(cfg, f"s3://{bucket}", storage_options=s3.options, num_workers=2)
     report = verify_checkpoint(f"s3://{bucket}", against=str(tmp_path / "local"), storage=Storage(s3.options))
     assert report.ok, report.format()
-    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}
     assert "model.safetensors.index.json" in keys and not [k for k in keys if k.startswith(".distmerge")]
+    # other people's objects and uploads in the bucket are left alone
+    assert client.get_object(Bucket=bucket, Key="datasets/keep.txt")["Body"].read() == b"not ours"
+    assert {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]} == theirs
 
 
 def test_part_sizes_s3_refuses_are_refused_first(ray_local, s3, s3_models, tmp_path):

@@ -59,6 +59,7 @@ class Driver:
         self.reported: Set[int] = set(self.durable)
         self.restart_writer = restart_writer
         self.writer_restarts = 0
+        self.recomputed = 0  # units written once, lost with a dead writer, computed again
         self.on_written = on_written or (lambda unit: None)
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
@@ -154,10 +155,13 @@ class Driver:
                     self.stats.written_bytes += self.ray.get(ref)
                 except self.ray.exceptions.RayActorError as err:
                     writing[ref] = (unit, data_ref)
-                    lost = self._replace_writer(err)
+                    self._replace_writer(err)
+                    # Writes in flight go to the new writer (their results are still in
+                    # the object store); every other unit it does not hold is computed again.
                     in_flight_bytes -= sum(u.out_bytes for u, _ in writing.values() if u.index in self.durable)
                     writing = {self._write(u, d): (u, d) for u, d in writing.values() if u.index not in self.durable}
-                    pending = lost + pending
+                    busy = {u.index for u, _ in computing.values()} | {u.index for u, _ in writing.values()}
+                    pending = [u for u in self.plan.units if u.index not in self.durable and u.index not in busy]
                     break
                 except Exception as err:  # noqa: BLE001
                     raise _failure(unit, err) from err
@@ -174,19 +178,18 @@ class Driver:
             self.reported.add(unit.index)
             self.on_written(unit)
 
-    def _replace_writer(self, err: BaseException) -> List[WorkUnit]:
-        """Start a new writer from the durable state; return the acknowledged units it lost."""
+    def _replace_writer(self, err: BaseException) -> None:
+        """Start a new writer from the durable state (the old one is stopped first)."""
         if self.restart_writer is None or self.writer_restarts >= WRITER_RESTARTS:
             raise MergeFailed(f"the writer actor died ({self.writer_restarts} restart(s) so far): {err}") from err
         self.writer_restarts += 1
         self.writer, durable = self.restart_writer(self.writer)
+        self.recomputed += len(self.acknowledged - set(durable))
         self.durable = set(durable)
-        lost = sorted(self.acknowledged - self.durable)
         self.acknowledged = set()
         for unit in self.plan.units:
             if unit.index in self.durable:
                 self._report(unit)
-        return [self.plan.units[u] for u in lost]
 
     def run(self) -> Tuple[RunStats, Dict[str, Any]]:
         """Run the whole merge; return the run's statistics and what the writer's finalize

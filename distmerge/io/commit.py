@@ -22,7 +22,7 @@ from distmerge.errors import OutputError
 from distmerge.io import progress
 from distmerge.io.checkpoint import ModelFiles
 from distmerge.io.dtypes import TORCH_DTYPE_NAMES
-from distmerge.io.layout import INDEX_NAME, PARTIAL_SUFFIX
+from distmerge.io.layout import INDEX_NAME, PARTIAL_SUFFIX, SHARD_FILE
 from distmerge.io.storage import Storage, is_remote, join, split_url
 from distmerge.planner import MergePlan
 
@@ -33,7 +33,7 @@ COMPANION_FILES = (
 )
 
 
-SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(" + re.escape(PARTIAL_SUFFIX) + ")?")
+SHARD_NAME = re.compile(SHARD_FILE.pattern + "(" + re.escape(PARTIAL_SUFFIX) + ")?")
 
 
 @dataclass
@@ -115,8 +115,11 @@ class Destination:
             raise OutputError(f"output {self.url} exists and is not a directory")
         names = self.names()
         ours = [n for n in names if SHARD_NAME.fullmatch(n)]
+        # Locally a manifest with no shard files next to it (killed while starting) leaves
+        # nothing to resume: start afresh. On S3 the uploads are not in the listing.
         interrupted = INDEX_NAME not in names and (
-            progress.MANIFEST in names or any(n.endswith(PARTIAL_SUFFIX) for n in ours))
+            any(n.endswith(PARTIAL_SUFFIX) for n in ours)
+            or (progress.MANIFEST in names and (self.remote or bool(ours))))
         if interrupted and not restart:
             changes = progress.changed_since(self, plan, part_size)
             point = None if changes else self.resume_point(plan, part_size)
@@ -174,21 +177,17 @@ class Destination:
 
     def _drop_resume_state(self) -> None:
         if self.s3:
-            from distmerge.io.multipart import abort_uploads_under, remove_resume_state
+            from distmerge.io.multipart import abort_shard_uploads, remove_resume_state
 
-            abort_uploads_under(self.fs, self.url)
+            abort_shard_uploads(self.fs, self.url)
             remove_resume_state(self.fs, self.url)
         elif not self.remote:
             progress.remove_local(self.url)
 
     def finish(self) -> None:
-        """Drop the resume state once the checkpoint is committed."""
-        if self.s3:
-            from distmerge.io.multipart import remove_resume_state
-
-            remove_resume_state(self.fs, self.url)
-        elif not self.remote:
-            progress.remove_local(self.url)
+        """Drop the resume state once the checkpoint is committed (and any stray upload of
+        one of its shards, such as a duplicate from a retried create request)."""
+        self._drop_resume_state()
 
 
 def units_within(plan: MergePlan, ranges: List[List[Tuple[int, int]]]) -> Set[int]:

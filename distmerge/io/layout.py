@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 SHARD_PATTERN = "model-{index:05d}-of-{count:05d}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PARTIAL_SUFFIX = ".partial"  # local shards are written under this suffix until complete
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # what SHARD_PATTERN names
 
 
 def natural_key(name: str) -> List:

@@ -9,11 +9,12 @@ part is in; `abort` (any failure) aborts every upload, so no orphaned parts rema
 
 Resume state lives under the output prefix: the in-progress uploads and their parts,
 plus one empty marker object per uploaded part,
-`.distmerge-parts/<shard>/<part>-<etag>-<sha256>`, written after the part's upload
-succeeded. The marker carries the part's SHA-256 (for the index checksums; S3 cannot
-return part bytes before completion) and its ETag ties it to the very part S3 holds.
-A part counts as done only when S3 lists it with the marker's ETag and the expected
-size; everything else is uploaded again.
+`.distmerge-parts/<shard>/<part>-<hex of etag>-<sha256>`, written after the part's
+upload succeeded, and `.distmerge-parts/<shard>/complete-<hex of etag>` once S3 has
+completed the shard. A part marker carries the part's SHA-256 (for the index
+checksums; S3 cannot return part bytes before completion) and its ETag ties it to the
+very part S3 holds. A part counts as done only when S3 lists it with a marker's ETag
+and the expected size; everything else is uploaded again.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from distmerge.errors import MergeFailed, OutputError
 from distmerge.io import checksum
-from distmerge.io.layout import OutputLayout
+from distmerge.io.layout import SHARD_FILE, OutputLayout
 from distmerge.io.progress import MANIFEST
 from distmerge.io.storage import Storage, join
 from distmerge.memory import peak_rss
@@ -67,24 +68,30 @@ def _pages(fs, method: str, items: str, cursor: Dict[str, str], **request) -> It
     while True:
         response = fs.call_s3(method, **request)
         yield from response.get(items, [])
-        if not response.get("IsTruncated"):
-            return
-        request.update({ask: response[answer] for ask, answer in cursor.items() if response.get(answer)})
+        following = {ask: response.get(answer) for ask, answer in cursor.items()}
+        if not response.get("IsTruncated") or all(request.get(k) == v for k, v in following.items()):
+            return  # the last page (or a store that says truncated but does not move on)
+        request.update({k: v for k, v in following.items() if v is not None})
 
 
-def list_uploads(fs, url: str) -> List[Tuple[str, str]]:
-    """(key, upload id) of every unfinished multipart upload under the prefix `url`."""
+def shard_uploads(fs, url: str) -> List[Tuple[str, str]]:
+    """(key, upload id) of the unfinished uploads of shard files directly under `url`.
+
+    Only keys named like our shards count: other uploads under the prefix (or, at a
+    bucket root, anywhere in the bucket) belong to someone else and are never touched.
+    """
     bucket, prefix = bucket_and_prefix(fs, url)
     pages = _pages(fs, "list_multipart_uploads", "Uploads",
                    {"KeyMarker": "NextKeyMarker", "UploadIdMarker": "NextUploadIdMarker"},
                    Bucket=bucket, Prefix=prefix)
-    return [(u["Key"], u["UploadId"]) for u in pages]
+    return [(u["Key"], u["UploadId"]) for u in pages
+            if u["Key"].startswith(prefix) and SHARD_FILE.fullmatch(u["Key"][len(prefix):])]
 
 
-def abort_uploads_under(fs, url: str) -> int:
-    """Abort every unfinished multipart upload under the prefix `url`; return how many."""
+def abort_shard_uploads(fs, url: str) -> int:
+    """Abort the unfinished shard uploads under `url` (see `shard_uploads`); return how many."""
     bucket, _ = bucket_and_prefix(fs, url)
-    uploads = list_uploads(fs, url)
+    uploads = shard_uploads(fs, url)
     for key, upload_id in uploads:
         fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
     return len(uploads)
@@ -102,10 +109,19 @@ def remove_resume_state(fs, url: str) -> None:
         pass
 
 
-def multipart_etag(part_etags: Sequence[str]) -> str:
-    """The ETag S3 gives an object completed from parts with these ETags (unencrypted)."""
-    joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+def multipart_etag(part_etags: Sequence[str]) -> Optional[str]:
+    """The ETag S3 gives an object completed from parts with these ETags, when the part
+    ETags are MD5s (unencrypted or SSE-S3); None when they are not."""
+    try:
+        joined = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+    except ValueError:
+        return None
     return f"{hashlib.md5(joined).hexdigest()}-{len(part_etags)}"
+
+
+def _etag_field(etag: str) -> str:
+    """An ETag as a marker-name field: hex of its text (ETags may hold '-', '/', ...)."""
+    return etag.strip('"').encode().hex()
 
 
 @dataclass
@@ -117,29 +133,63 @@ class ShardUpload:
     complete: bool = False
 
 
-def _markers(fs, url: str) -> Dict[Tuple[str, int], Tuple[str, bytes]]:
-    found = {}
+@dataclass
+class _Markers:
+    parts: Dict[int, List[Tuple[str, bytes]]] = field(default_factory=dict)  # part -> [(ETag, sha256)]
+    completed: Set[str] = field(default_factory=set)  # ETags S3 gave the completed object
+
+
+def _read_markers(fs, url: str) -> Dict[str, _Markers]:
+    found: Dict[str, _Markers] = {}
     for path in fs.find(join(url, MARKERS)):
         shard_name, leaf = path.split("/")[-2:]
+        fields = leaf.split("-")
+        mine = found.setdefault(shard_name, _Markers())
         try:
-            part, etag, digest = leaf.split("-")
-            found[(shard_name, int(part) - 1)] = (etag, bytes.fromhex(digest))
+            if len(fields) == 2 and fields[0] == "complete":
+                mine.completed.add(bytes.fromhex(fields[1]).decode())
+            elif len(fields) == 3 and len(fields[2]) == 64:
+                entry = (bytes.fromhex(fields[1]).decode(), bytes.fromhex(fields[2]))
+                mine.parts.setdefault(int(fields[0]) - 1, []).append(entry)
         except ValueError:
-            continue  # not ours
+            continue  # not one of ours
     return found
+
+
+def _completed_object(head: dict, shard_size: int, n_parts: int, markers: _Markers) -> Optional[Dict[int, Tuple[str, bytes]]]:
+    """The parts of a completed shard object if it is the one our markers describe, else None.
+
+    Every part must have markers that agree on its SHA-256 (a part uploaded twice holds the
+    same bytes: the merge is deterministic), and S3's ETag of the object must be one we
+    recorded at completion or the MD5-of-MD5s of the recorded part ETags.
+    """
+    if head.get("ContentLength") != shard_size:
+        return None
+    parts = {}
+    for p in range(n_parts):
+        entries = markers.parts.get(p, [])
+        if not entries or len({digest for _, digest in entries}) != 1:
+            return None
+        parts[p] = entries[0]
+    etag = head.get("ETag", "").strip('"')
+    if etag in markers.completed or etag == multipart_etag([parts[p][0] for p in range(n_parts)]):
+        return parts
+    return None
 
 
 def recover_uploads(fs, url: str, layout: OutputLayout, part_size: int) -> List[ShardUpload]:
     """What an interrupted merge left under `url`, checked against S3 (see the module doc).
 
-    Uploads that cannot be reused (a second upload of one key, keys outside the layout)
-    are aborted; a shard object that does not match its markers is deleted.
+    Of several uploads of one shard (a create request retried after S3 had already acted
+    on it) the one with most recorded parts is kept; the others, and uploads of shard
+    names outside the layout, are aborted. A shard object that does not match its markers
+    is deleted.
     """
     fs.invalidate_cache()
     bucket, prefix = bucket_and_prefix(fs, url)
-    markers = _markers(fs, url)
+    markers = _read_markers(fs, url)
     uploads: Dict[str, List[str]] = {}
-    for key, upload_id in list_uploads(fs, url):
+    for key, upload_id in shard_uploads(fs, url):
         uploads.setdefault(key, []).append(upload_id)
     wanted = {prefix + s.file_name for s in layout.shards}
     for key in set(uploads) - wanted:
@@ -148,34 +198,46 @@ def recover_uploads(fs, url: str, layout: OutputLayout, part_size: int) -> List[
     states = []
     for shard in layout.shards:
         key = prefix + shard.file_name
-        n = part_count(shard.size, part_size)
-        mine = {p: markers[(shard.file_name, p)] for p in range(n) if (shard.file_name, p) in markers}
+        mine = markers.get(shard.file_name, _Markers())
         state = ShardUpload()
         try:
             head = fs.call_s3("head_object", Bucket=bucket, Key=key)
         except FileNotFoundError:
             head = None
         if head is not None:
-            if (len(mine) == n and head.get("ContentLength") == shard.size
-                    and head.get("ETag", "").strip('"') == multipart_etag([mine[p][0] for p in range(n)])):
-                state = ShardUpload(parts=mine, complete=True)
+            parts = _completed_object(head, shard.size, part_count(shard.size, part_size), mine)
+            if parts is not None:
+                state = ShardUpload(parts=parts, complete=True)
             else:
                 fs.call_s3("delete_object", Bucket=bucket, Key=key)
-        ids = uploads.get(key, [])
-        if state.complete or len(ids) != 1:
-            for upload_id in ids:
+        candidates = [] if state.complete else [
+            (upload_id, _recorded_parts(fs, bucket, key, upload_id, shard.size, part_size, mine))
+            for upload_id in uploads.get(key, [])]
+        keep = max(candidates, key=lambda c: len(c[1]), default=None)
+        for upload_id in uploads.get(key, []):
+            if keep is None or upload_id != keep[0]:
                 fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        else:
-            state.upload_id = ids[0]
-            listed = _pages(fs, "list_parts", "Parts", {"PartNumberMarker": "NextPartNumberMarker"},
-                            Bucket=bucket, Key=key, UploadId=ids[0])
-            for part in listed:
-                p = part["PartNumber"] - 1
-                expected_size = min(part_size, shard.size - p * part_size)
-                if p in mine and mine[p][0] == part["ETag"].strip('"') and part["Size"] == expected_size:
-                    state.parts[p] = mine[p]
+        if keep is not None:
+            state.upload_id, state.parts = keep
         states.append(state)
     return states
+
+
+def _recorded_parts(fs, bucket: str, key: str, upload_id: str, shard_size: int, part_size: int,
+                    markers: _Markers) -> Dict[int, Tuple[str, bytes]]:
+    """The parts S3 lists for the upload that a marker records with the same ETag and size."""
+    parts = {}
+    listed = _pages(fs, "list_parts", "Parts", {"PartNumberMarker": "NextPartNumberMarker"},
+                    Bucket=bucket, Key=key, UploadId=upload_id)
+    for part in listed:
+        p = part["PartNumber"] - 1
+        etag = part["ETag"].strip('"')
+        if part["Size"] != min(part_size, shard_size - p * part_size):
+            continue
+        for marked_etag, digest in markers.parts.get(p, []):
+            if marked_etag == etag:
+                parts[p] = (etag, digest)
+    return parts
 
 
 def done_ranges(states: Sequence[ShardUpload], layout: OutputLayout, part_size: int) -> List[List[Tuple[int, int]]]:
@@ -196,22 +258,28 @@ class MultipartShardWriter:
         self.layout = layout
         self.part_size = part_size
         self.states = resume if resume is not None else [ShardUpload() for _ in layout.shards]
-        self.keys: List[Tuple[str, str]] = []
         self.buffers: Dict[Tuple[int, int], bytearray] = {}
         self.filled: Dict[Tuple[int, int], int] = {}
         self.futures: List[Future] = []
         self.pool = ThreadPoolExecutor(UPLOAD_THREADS)
         bucket, prefix = bucket_and_prefix(self.fs, out_url)
+        self.keys = [(bucket, prefix + shard.file_name) for shard in layout.shards]
+        created = []
         try:
-            for shard, state in zip(layout.shards, self.states):
-                self.keys.append((bucket, prefix + shard.file_name))
+            for (bucket, key), state in zip(self.keys, self.states):
                 if state.upload_id is None and not state.complete:
-                    response = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=prefix + shard.file_name)
-                    state.upload_id = response["UploadId"]
+                    state.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+                    created.append((bucket, key, state.upload_id))
             for i, shard in enumerate(layout.shards):
                 self._put(i, 0, memoryview(shard.header))
         except BaseException:
-            self.abort()
+            # Undo only what this start did: a resumed run's uploads and markers stay resumable.
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            for bucket, key, upload_id in created:
+                try:
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+                except Exception:  # noqa: BLE001 - the start-up failure matters more
+                    pass
             raise
 
     def _parts(self, shard: int) -> int:
@@ -245,9 +313,11 @@ class MultipartShardWriter:
         response = self.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=state.upload_id,
                                    PartNumber=part + 1, Body=bytes(body))
         etag = response["ETag"].strip('"')
-        marker = join(self.url, MARKERS, self.layout.shards[shard].file_name, f"{part + 1:05d}-{etag}-{digest.hex()}")
-        self.fs.pipe_file(marker, b"")
+        self._mark(shard, f"{part + 1:05d}-{_etag_field(etag)}-{digest.hex()}")
         state.parts[part] = (etag, digest)
+
+    def _mark(self, shard: int, leaf: str) -> None:
+        self.fs.pipe_file(join(self.url, MARKERS, self.layout.shards[shard].file_name, leaf), b"")
 
     def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
         view = memoryview(data).cast("B")
@@ -278,9 +348,10 @@ class MultipartShardWriter:
             if state.complete:
                 continue
             parts = [{"PartNumber": p + 1, "ETag": f'"{state.parts[p][0]}"'} for p in range(self._parts(i))]
-            self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=state.upload_id,
-                            MultipartUpload={"Parts": parts})
+            response = self.fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
+                                       UploadId=state.upload_id, MultipartUpload={"Parts": parts})
             state.complete = True
+            self._mark(i, f"complete-{_etag_field(response['ETag'])}")
         self.pool.shutdown()
         checksums = {shard.file_name: checksum.combine(self.states[i].parts[p][1] for p in range(self._parts(i)))
                      for i, shard in enumerate(self.layout.shards)}

@@ -23,6 +23,7 @@ BODY_ATTEMPTS = 5
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 TRANSIENT_ERRORS = {"ClientPayloadError", "ClientConnectionError", "ServerDisconnectedError", "IncompleteRead",
+                    "IncompleteReadError",
                     "ConnectionError", "TimeoutError", "ReadTimeoutError", "ResponseStreamingError",
                     "ConnectionClosedError", "ProtocolError"}
 _JITTER = random.Random()

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from distmerge.errors import ConfigError
+
 SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                "password", "session_token", "secret_access_key", "access_key_id"}
 S3_ATTEMPTS = 5
@@ -84,9 +86,13 @@ class Storage:
                 config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
                 options["config_kwargs"] = config
                 s3fs_retries = options.pop("retries", S3FS_RETRIES)
+                if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
+                    raise ConfigError(f"storage.retries: must be a whole number of tries, at least 1 "
+                                      f"(got {s3fs_retries!r})")
+                options["skip_instance_cache"] = True  # ours is keyed by every option, retries too
             fs = fsspec.filesystem(protocol, **options)
             if protocol == "s3":
-                fs.retries = int(s3fs_retries)  # an attribute of s3fs, not a constructor argument
+                fs.retries = s3fs_retries  # an attribute of s3fs, not a constructor argument
             _FILESYSTEMS[cache_key] = fs
         return _FILESYSTEMS[cache_key]
 
