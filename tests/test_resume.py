@@ -101,6 +101,8 @@ def test_dead_writer_is_replaced_in_place(ray_local, config_path, tmp_path):
     assert killed and summary.writer_restarts == 1
     # only units written but not yet logged (the log is synced every 8) are computed again
     assert summary.recomputed_units < 8
+    print(f"writer killed after {_progress_lines(out)} units logged; {summary.recomputed_units} of "
+          f"{summary.units} units computed again")
     assert shard_bytes(str(out)) == shard_bytes(str(tmp_path / "calm"))
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "calm"))
 

@@ -76,12 +76,16 @@ def test_killed_driver_resumes_from_its_uploads(s3, merge_case, tmp_path):
     uploaded = _markers(s3, bucket, prefix)
     assert s3.client().list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads")
 
+    started = time.perf_counter()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reused = int(rerun.stdout.split("resumed: ")[1].split(" units")[0])
+    units = int(rerun.stdout.split(" units into")[0].split(" in ")[-1])
     assert uploaded >= 2 and reused > 0
     _assert_finished_and_clean(s3, bucket, prefix, calm, tmp_path)
-    print(f"killed after {uploaded} parts were uploaded; the resume reused {reused} units")
+    print(f"killed after {uploaded} parts were uploaded; the resume reused {reused} of {units} units "
+          f"in {seconds:.1f} s")
 
 
 def test_kill_during_commit_resumes_with_completed_shards(s3, merge_case, tmp_path):
@@ -128,6 +132,8 @@ def test_dead_writer_is_replaced_from_the_uploads(ray_local, s3, merge_case, tmp
     killer.join()
     assert killed and summary.writer_restarts == 1
     assert summary.recomputed_units < summary.units  # the parts S3 held were kept
+    print(f"writer killed with {_markers(s3, bucket, prefix)} markers; {summary.recomputed_units} of "
+          f"{summary.units} units computed again")
     _assert_finished_and_clean(s3, bucket, prefix, calm, tmp_path)
 
 
