@@ -127,12 +127,14 @@ def test_dead_writer_is_replaced_from_the_uploads(ray_local, s3, merge_case, tmp
     config, calm, bucket = merge_case
     prefix = "writer"
     killed: list = []
-    killer = kill_actor_when("MultipartShardWriter", lambda: _markers(s3, bucket, prefix) >= 2, killed)
+    seen: list = []
+    killer = kill_actor_when("MultipartShardWriter",
+                             lambda: seen.append(_markers(s3, bucket, prefix)) or seen[-1] >= 2, killed)
     summary = distmerge.merge(config, f"s3://{bucket}/{prefix}", storage_options=s3.options, **OPTIONS)
     killer.join()
     assert killed and summary.writer_restarts == 1
     assert summary.recomputed_units < summary.units  # the parts S3 held were kept
-    print(f"writer killed with {_markers(s3, bucket, prefix)} markers; {summary.recomputed_units} of "
+    print(f"writer killed once {seen[-1]} parts were uploaded; {summary.recomputed_units} of "
           f"{summary.units} units computed again")
     _assert_finished_and_clean(s3, bucket, prefix, calm, tmp_path)
 
