@@ -84,7 +84,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
           overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
           storage_options: Optional[Mapping[str, Any]] = None,
           part_size: Union[int, str, None] = None, allow_nonfinite: bool = False,
-          restart: bool = False) -> MergeSummary:
+          restart: bool = False, check_inputs: bool = False) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
     Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
@@ -93,7 +93,9 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     finished checkpoint is left at `out_dir`. Inputs and `out_dir` may be local paths or
     fsspec URLs (s3://bucket/prefix); `part_size` is the multipart part size for S3 output
     (default 64 MiB, or what the interrupted run being resumed used).
-    NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`.
+    NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`; it is
+    found as each unit reads its inputs, or, with `check_inputs`, by one extra read of
+    every input before the destination is touched.
     Re-running an interrupted merge resumes it (units already written are reused; a
     dead writer actor is replaced the same way mid-run); `restart` discards an
     interrupted merge instead.
@@ -116,7 +118,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     parts = parse_size(part_size) if dest.s3 else 0
     if dest.s3:
         check_part_size(merge_plan.layout, parts)
-    resume = dest.prepare(overwrite, merge_plan, restart, parts)
+    dest.check(overwrite, merge_plan, restart, parts)  # refusals come before Ray starts
 
     largest_output = max(u.out_bytes for u in merge_plan.units)
     max_in_flight_bytes = max(2 * workers * largest_output, 256 * 2**20)
@@ -138,15 +140,19 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
                 raise MergeFailed(f"the writer actor died and {dest.url} no longer holds its partial shards")
             return start_writer(point.writer_state), point.finished
 
+        driver = Driver(merge_plan, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
+                        threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite,
+                        restart_writer=restart_writer)
+        if check_inputs:
+            driver.check_inputs()  # NaN/Inf refused before the destination is touched
+        resume = dest.prepare(overwrite, merge_plan, restart, parts)
         bar = _progress_bar(merge_plan, progress)
-        driver = Driver(merge_plan, start_writer(resume.writer_state), max_in_flight=2 * workers,
-                        max_in_flight_bytes=max_in_flight_bytes, threads_per_worker=threads_per_worker,
-                        allow_nonfinite=allow_nonfinite, skip_units=resume.finished,
-                        on_written=bar.unit_written if bar else None, restart_writer=restart_writer)
         if bar:
+            driver.on_written = bar.unit_written
             for unit in merge_plan.units:
                 if unit.index in resume.finished:
                     bar.unit_written(unit)
+        driver.attach_writer(start_writer(resume.writer_state), resume.finished)
         try:
             stats, written = driver.run()
         except BaseException as err:

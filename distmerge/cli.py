@@ -49,6 +49,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                        help="discard an interrupted merge in OUT instead of resuming it")
         p.add_argument("--allow-nonfinite", action="store_true",
                        help="merge inputs holding NaN/Inf (default: fail, naming the tensor)")
+        p.add_argument("--check-inputs", action="store_true",
+                       help="read every input once before merging and refuse NaN/Inf before OUT is touched "
+                            "(default: each tensor is checked as it is merged)")
         p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
 
 
@@ -107,7 +110,8 @@ def _merge(args: argparse.Namespace) -> int:
                     shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
                     overwrite=args.overwrite, progress=not args.no_progress,
                     threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
-                    part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart)
+                    part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart,
+                    check_inputs=args.check_inputs)
     print(summary.format())
     return 0
 

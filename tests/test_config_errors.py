@@ -15,7 +15,7 @@ import distmerge
 from distmerge.cli import main
 from distmerge.config import load_config
 from distmerge.errors import ConfigError, InputError, OutputError
-from helpers import write_yaml
+from helpers import shard_bytes, write_yaml
 
 
 def ties(paths, **extra):
@@ -232,5 +232,14 @@ def test_nonfinite_input_is_named_unless_allowed(ray_local, tmp_path, paths):
     assert "nan-model" in str(info.value) and "--allow-nonfinite" in str(info.value)
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert not list((tmp_path / "out").glob("*.safetensors*"))
+    # --check-inputs: found by a read of every input before the destination is touched,
+    # so a checkpoint already there (to be overwritten) is still whole
     distmerge.merge(path, str(tmp_path / "out"), num_workers=1, allow_nonfinite=True)
-    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    before = shard_bytes(str(tmp_path / "out"))
+    with pytest.raises(distmerge.MergeFailed, match="model.layers.1.mlp.down_proj.weight.*NaN or Inf"):
+        distmerge.merge(path, str(tmp_path / "out"), num_workers=1, overwrite=True, check_inputs=True)
+    assert shard_bytes(str(tmp_path / "out")) == before
+    clean = write_yaml(str(tmp_path / "clean.yml"), ties(paths))  # clean inputs pass the scan, same bytes
+    distmerge.merge(clean, str(tmp_path / "scanned"), num_workers=1, check_inputs=True)
+    distmerge.merge(clean, str(tmp_path / "unscanned"), num_workers=1)
+    assert shard_bytes(str(tmp_path / "scanned")) == shard_bytes(str(tmp_path / "unscanned"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit
+from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit, scan_unit
 from distmerge.errors import MergeFailed
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
@@ -41,7 +41,7 @@ def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
 
 
 class Driver:
-    def __init__(self, plan: MergePlan, writer: Any, *, max_in_flight: int, max_in_flight_bytes: int,
+    def __init__(self, plan: MergePlan, writer: Any = None, *, max_in_flight: int, max_in_flight_bytes: int,
                  threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None,
                  allow_nonfinite: bool = False, skip_units: Optional[set] = None,
                  restart_writer: Optional[Callable[[Any], Tuple[Any, Set[int]]]] = None) -> None:
@@ -96,17 +96,24 @@ class Driver:
         return carries
 
     def _completed(self, jobs: List[tuple], pass_index: int):
-        """Run one statistics pass over (unit index, carries) jobs, at most max_in_flight at a
-        time; yield (unit index, result) as each finishes."""
+        """Run one statistics pass over (unit index, carries) jobs; yield (unit index, result)."""
         method_name = self.plan.config.method.name
+
+        def submit(u: int, carries: Any) -> Any:
+            return self.collect_task.remote(self.plan.units[u], method_name, pass_index, carries,
+                                            self.plan.config.storage, self.threads, self.allow_nonfinite)
+
+        yield from self._bounded(jobs, submit)
+
+    def _bounded(self, jobs: List[tuple], submit: Callable[[int, Any], Any]):
+        """Submit (unit index, payload) jobs, at most max_in_flight at a time; yield
+        (unit index, result) as each finishes; a failure names its unit."""
         pending = list(jobs)
         running: Dict[Any, int] = {}
         while pending or running:
             while pending and len(running) < self.max_in_flight:
-                u, carries = pending.pop(0)
-                ref = self.collect_task.remote(self.plan.units[u], method_name, pass_index, carries,
-                                               self.plan.config.storage, self.threads, self.allow_nonfinite)
-                running[ref] = u
+                u, payload = pending.pop(0)
+                running[submit(u, payload)] = u
             done, _ = self.ray.wait(list(running), num_returns=1)
             for ref in done:
                 u = running.pop(ref)
@@ -114,6 +121,15 @@ class Driver:
                     yield u, self.ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - reported with the unit named
                     raise _failure(self.plan.units[u], err) from err
+
+    def check_inputs(self) -> None:
+        """Read every input byte once and refuse NaN/Inf before anything is merged or written."""
+        scan = self.ray.remote(scan_unit).options(num_cpus=self.threads, max_retries=TASK_RETRIES,
+                                                  retry_exceptions=False)
+        storage = self.plan.config.storage
+        jobs = [(u.index, None) for u in self.plan.units]
+        for _, stats in self._bounded(jobs, lambda u, _: scan.remote(self.plan.units[u], storage, self.threads)):
+            self.stats.add(stats)
 
     # -- apply --------------------------------------------------------------------------
 
@@ -190,6 +206,12 @@ class Driver:
         for unit in self.plan.units:
             if unit.index in self.durable:
                 self._report(unit)
+
+    def attach_writer(self, writer: Any, durable: Set[int]) -> None:
+        """The writer actor to send results to, and the units it already holds."""
+        self.writer = writer
+        self.durable = set(durable)
+        self.reported = set(durable)
 
     def run(self) -> Tuple[RunStats, Dict[str, Any]]:
         """Run the whole merge; return the run's statistics and what the writer's finalize

@@ -45,8 +45,9 @@ def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
                          f"{meta.row_end}); fix the input, or pass --allow-nonfinite to merge anyway")
 
 
-def _load(piece: Piece, uses_base: bool, storage: Storage, allow_nonfinite: bool = False) -> PieceInputs:
-    """The piece's rows of every input: remote ranges fetched concurrently, local ones mapped."""
+def _source_tensors(piece: Piece, storage: Storage, allow_nonfinite: bool = False) -> List[torch.Tensor]:
+    """The piece's rows of every input, in their stored dtype: remote ranges fetched
+    concurrently, local ones memory-mapped; NaN/Inf refused unless allowed."""
     meta = piece.meta
     rows = meta.row_end - meta.row_start
     shape = (rows, *meta.shape[1:]) if meta.shape else ()
@@ -65,10 +66,26 @@ def _load(piece: Piece, uses_base: bool, storage: Storage, allow_nonfinite: bool
             tensor = map_range(path, source.start, source.end, source.dtype, shape)
         if not allow_nonfinite:
             _check_finite(tensor, piece, source.path)
-        tensors.append(tensor.to(meta.dtype))
+        tensors.append(tensor)
+    return tensors
+
+
+def _load(piece: Piece, uses_base: bool, storage: Storage, allow_nonfinite: bool = False) -> PieceInputs:
+    """The piece's inputs in the compute dtype, as the method takes them."""
+    tensors = [t.to(piece.meta.dtype) for t in _source_tensors(piece, storage, allow_nonfinite)]
     if uses_base:
-        return PieceInputs(meta, tensors[0], tuple(tensors[1:]))
-    return PieceInputs(meta, None, tuple(tensors))
+        return PieceInputs(piece.meta, tensors[0], tuple(tensors[1:]))
+    return PieceInputs(piece.meta, None, tuple(tensors))
+
+
+def scan_unit(unit: WorkUnit, storage: Storage, threads: int = 1) -> WorkerStats:
+    """Read every input byte of `unit` and refuse NaN/Inf (the `--check-inputs` pass)."""
+    torch.set_num_threads(threads)
+    read = 0
+    for piece in unit.pieces:
+        _source_tensors(piece, storage)
+        read += sum(s.nbytes for s in piece.sources)
+    return _stats(read)
 
 
 def _stats(read_bytes: int) -> WorkerStats:

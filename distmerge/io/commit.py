@@ -103,14 +103,9 @@ class Destination:
         """The options of an interrupted merge here (empty if none), so a resume plans alike."""
         return progress.recorded_options(self) if INDEX_NAME not in self.names() else {}
 
-    def prepare(self, overwrite: bool, plan: MergePlan, restart: bool = False, part_size: int = 0) -> ResumePoint:
-        """Make the destination ready; return what an interrupted run of this plan left.
-
-        A finished checkpoint (one with an index) is refused unless `overwrite`. An
-        interrupted merge (a manifest or partial shards, no index) of the same plan is
-        resumed; one of a different plan is refused, saying what changed, unless
-        `restart` discards it.
-        """
+    def check(self, overwrite: bool, plan: MergePlan, restart: bool = False, part_size: int = 0) -> bool:
+        """Raise the refusals `prepare` would, changing nothing; return whether an
+        interrupted merge is here (a manifest or partial shards, no index)."""
         if not self.remote and os.path.exists(self.url) and not os.path.isdir(self.url):
             raise OutputError(f"output {self.url} exists and is not a directory")
         names = self.names()
@@ -122,20 +117,38 @@ class Destination:
             or (progress.MANIFEST in names and (self.remote or bool(ours))))
         if interrupted and not restart:
             changes = progress.changed_since(self, plan, part_size)
-            point = None if changes else self.resume_point(plan, part_size)
-            if point is not None:
-                return point
-            reason = "; ".join(changes) or "its partial shards do not match the plan"
-            raise OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
-                              "Pass --restart (restart=True) to discard it and start over")
+            if changes:
+                raise self._not_resumable("; ".join(changes))
+        existing = self.existing_checkpoint()
+        if not interrupted and existing and not overwrite:
+            raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
+                              "pass --overwrite (overwrite=True) to replace it")
+        return interrupted
+
+    def _not_resumable(self, reason: str) -> OutputError:
+        return OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
+                           "Pass --restart (restart=True) to discard it and start over")
+
+    def prepare(self, overwrite: bool, plan: MergePlan, restart: bool = False, part_size: int = 0) -> ResumePoint:
+        """Make the destination ready; return what an interrupted run of this plan left.
+
+        A finished checkpoint (one with an index) is refused unless `overwrite`. An
+        interrupted merge (a manifest or partial shards, no index) of the same plan is
+        resumed; one of a different plan is refused, saying what changed, unless
+        `restart` discards it.
+        """
+        interrupted = self.check(overwrite, plan, restart, part_size)
+        if interrupted and not restart:
+            point = self.resume_point(plan, part_size)
+            if point is None:
+                raise self._not_resumable("its partial shards do not match the plan")
+            return point
         if interrupted:
-            for name in ours:  # the interrupted merge's shards (any shard count), not others' files
-                self.remove(name)
+            for name in self.names():  # the interrupted merge's shards (any shard count), not others' files
+                if SHARD_NAME.fullmatch(name):
+                    self.remove(name)
         else:
             existing = self.existing_checkpoint()
-            if existing and not overwrite:
-                raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
-                                  "pass --overwrite (overwrite=True) to replace it")
             # The index goes first, so a half-removed checkpoint never looks finished; then
             # the old checkpoint's companion files, which could belong to another base model.
             for name in existing + [n for n in (*COMPANION_FILES, "config.json", "README.md") if existing]:
