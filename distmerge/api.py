@@ -6,10 +6,10 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
 from distmerge.config import MergeConfig, load_config
-from distmerge.errors import MergeFailed
+from distmerge.errors import MergeFailed, WriterLost
 from distmerge.engine.session import default_num_workers, ray_session
 from distmerge.io.commit import Destination, commit_checkpoint
 from distmerge.io.multipart import DEFAULT_PART_SIZE
@@ -130,44 +130,53 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
         def start_writer(state: Any) -> Any:
-            return ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
+            """A writer actor, constructed (so that a failing constructor fails here, with its error)."""
+            actor = ray.remote(writer_cls).options(num_cpus=0, scheduling_strategy=here).remote(
                 dest.url, merge_plan.layout, merge_plan.config.storage, parts, state)
+            try:
+                pids[actor] = ray.get(actor.process_id.remote())
+            except ray.exceptions.RayActorError as err:
+                reason = [line for line in str(err).splitlines() if line.strip()][-1].strip()  # not Ray's traceback
+                raise MergeFailed(f"the writer actor could not start at {dest.url}: {reason}") from err
+            return actor
 
         def restart_writer(dead: Any) -> Tuple[Any, Set[int]]:
-            _stop_actor(dead)
+            _stop_actor(dead, pids.get(dead))
             point = dest.resume_point(merge_plan, parts)
             if point is None:
                 raise MergeFailed(f"the writer actor died and {dest.url} no longer holds its partial shards")
             return start_writer(point.writer_state), point.finished
 
+        pids: Dict[Any, int] = {}
         driver = Driver(merge_plan, max_in_flight=2 * workers, max_in_flight_bytes=max_in_flight_bytes,
                         threads_per_worker=threads_per_worker, allow_nonfinite=allow_nonfinite,
                         restart_writer=restart_writer)
-        if check_inputs:
+        if check_inputs and not allow_nonfinite:
             driver.check_inputs()  # NaN/Inf refused before the destination is touched
         resume = dest.prepare(overwrite, merge_plan, restart, parts)
         bar = _progress_bar(merge_plan, progress)
-        if bar:
-            driver.on_written = bar.unit_written
-            for unit in merge_plan.units:
-                if unit.index in resume.finished:
-                    bar.unit_written(unit)
-        driver.attach_writer(start_writer(resume.writer_state), resume.finished)
         try:
+            if bar:
+                driver.on_written = bar.unit_written
+                for unit in merge_plan.units:
+                    if unit.index in resume.finished:
+                        bar.unit_written(unit)
+            driver.attach_writer(start_writer(resume.writer_state), resume.finished)
             stats, written = driver.run()
         except BaseException as err:
             # Interrupted (Ctrl-C, or SIGTERM, which Ray's driver turns into SystemExit): keep
-            # what is written, for a resume. Failed: clean up.
-            stop = driver.writer.interrupted if isinstance(err, (KeyboardInterrupt, SystemExit)) else driver.writer.abort
-            try:
-                ray.get(stop.remote())
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
+            # what is durable, for a resume. Failed: stop the writer, then clean up.
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            _stop_writer(driver.writer, pids.get(driver.writer), graceful=interrupted)
+            driver.writer = None
+            if not interrupted and not isinstance(err, WriterLost):
+                dest.discard()
             raise
         finally:
             if bar:
                 bar.close()
-            ray.kill(driver.writer)
+            if driver.writer is not None:
+                _stop_writer(driver.writer, pids.get(driver.writer), graceful=False)
     commit_checkpoint(merge_plan, dest, written["checksums"], written["checksum_algorithm"])
     dest.finish()
     return MergeSummary(
@@ -188,22 +197,51 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     )
 
 
-def _stop_actor(actor: Any, timeout: float = 60.0) -> None:
-    """Kill `actor` and wait until Ray reports it dead, so that nothing it still runs can
-    touch the output while its replacement reads what is durable."""
+def _stop_actor(actor: Any, pid: Optional[int], timeout: float = 60.0) -> None:
+    """Kill `actor` and wait until it is gone, so that nothing it still runs can touch the
+    output while its replacement reads what is durable: until Ray reports it dead, and,
+    when its process is on this machine, until that process has exited."""
     import ray
 
-    ray.kill(actor, no_restart=True)
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             ray.get(actor.__ray_ready__.remote(), timeout=5)
         except ray.exceptions.ActorDiedError:
-            return
+            break
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
         time.sleep(0.1)
-    raise MergeFailed(f"the writer actor did not stop within {timeout:.0f} s; the merge can be resumed by re-running it")
+    else:
+        raise MergeFailed(f"the writer actor did not stop within {timeout:.0f} s; re-run the merge to resume it")
+    while pid and _is_writer_process(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _is_writer_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"Writer" in f.read()
+    except OSError:
+        return False
+
+
+def _stop_writer(actor: Any, pid: Optional[int], graceful: bool) -> None:
+    """Stop the writer at the end of a run: `graceful` lets it record what is durable first."""
+    import ray
+
+    if actor is None:
+        return
+    try:
+        if graceful:
+            ray.get(actor.interrupted.remote(), timeout=120)
+        _stop_actor(actor, pid)
+    except Exception:  # noqa: BLE001 - a dead or unreachable writer: the original error matters more
+        pass
 
 
 class _ProgressBar:

@@ -23,3 +23,8 @@ class OutputError(DistmergeError):
 
 class MergeFailed(DistmergeError):
     """A work unit failed while merging; the message names the unit's tensors."""
+
+
+class WriterLost(MergeFailed):
+    """The writer actor died and could not be replaced; what it made durable is kept, so
+    re-running the merge resumes it."""

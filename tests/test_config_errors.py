@@ -239,6 +239,8 @@ def test_nonfinite_input_is_named_unless_allowed(ray_local, tmp_path, paths):
     with pytest.raises(distmerge.MergeFailed, match="model.layers.1.mlp.down_proj.weight.*NaN or Inf"):
         distmerge.merge(path, str(tmp_path / "out"), num_workers=1, overwrite=True, check_inputs=True)
     assert shard_bytes(str(tmp_path / "out")) == before
+    distmerge.merge(path, str(tmp_path / "allowed"), num_workers=1, allow_nonfinite=True, check_inputs=True)
+    assert shard_bytes(str(tmp_path / "allowed")) == before
     clean = write_yaml(str(tmp_path / "clean.yml"), ties(paths))  # clean inputs pass the scan, same bytes
     distmerge.merge(clean, str(tmp_path / "scanned"), num_workers=1, check_inputs=True)
     distmerge.merge(clean, str(tmp_path / "unscanned"), num_workers=1)

@@ -355,3 +355,26 @@ def test_part_sizes_s3_refuses_are_refused_first(ray_local, s3, s3_models, tmp_p
     with pytest.raises(OutputError, match=r"more than 10000 parts.*--part-size 6000000 or more"):
         check_part_size(huge, 5 * 2**20)
     check_part_size(huge, 6 * 10**6)
+
+
+def test_writer_that_cannot_start_fails_with_its_reason(ray_local, s3, s3_models, tmp_path):
+    """S3 refuses to create the uploads: the merge fails at once with S3's reason (not as a
+    writer to replace), and leaves nothing under the prefix."""
+    paths, _, _ = s3_models
+    bucket = _bucket(s3)
+
+    def deny_create(method, path, headers):
+        if method == "POST" and path.endswith("?uploads"):
+            return 403, error_xml("AccessDenied", "no multipart uploads here")
+        return None
+
+    s3.proxy.fault = deny_create
+    try:
+        with pytest.raises(MergeFailed, match="writer actor could not start at s3://.*: PermissionError: no multipart uploads here$") as info:
+            distmerge.merge(_config(tmp_path, paths), f"s3://{bucket}/denied", storage_options=s3.options,
+                            num_workers=2)
+    finally:
+        s3.proxy.fault = None
+    assert "restart" not in str(info.value)
+    assert not s3.client().list_objects_v2(Bucket=bucket).get("Contents")
+    assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit, scan_unit
-from distmerge.errors import MergeFailed
+from distmerge.errors import MergeFailed, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
 
@@ -197,9 +197,14 @@ class Driver:
     def _replace_writer(self, err: BaseException) -> None:
         """Start a new writer from the durable state (the old one is stopped first)."""
         if self.restart_writer is None or self.writer_restarts >= WRITER_RESTARTS:
-            raise MergeFailed(f"the writer actor died ({self.writer_restarts} restart(s) so far): {err}") from err
+            raise WriterLost(f"the writer actor died ({self.writer_restarts} restart(s) so far): {err}; "
+                             "re-run the merge to resume it") from err
         self.writer_restarts += 1
-        self.writer, durable = self.restart_writer(self.writer)
+        try:
+            self.writer, durable = self.restart_writer(self.writer)
+        except Exception as failure:  # noqa: BLE001 - the durable state stays for a resume
+            raise WriterLost(f"the writer actor died ({err}) and could not be replaced: {failure}; "
+                             "re-run the merge to resume it") from failure
         self.recomputed += len(self.acknowledged - set(durable))
         self.durable = set(durable)
         self.acknowledged = set()

@@ -15,7 +15,6 @@ import numpy as np
 
 from distmerge.errors import MergeFailed
 from distmerge.io import checksum
-from distmerge.io import progress
 from distmerge.io.layout import PARTIAL_SUFFIX, OutputLayout
 from distmerge.io.progress import ProgressLog
 from distmerge.memory import peak_rss
@@ -41,7 +40,7 @@ class ShardWriter:
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(fd, shard.size)
-                os.pwrite(fd, shard.header, 0)
+            os.pwrite(fd, shard.header, 0)  # resumed too: no unit logged means no header synced
             self.fds.append(fd)
 
     def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
@@ -88,17 +87,8 @@ class ShardWriter:
             os.close(fd)
         self.fds = []
 
-    def abort(self) -> None:
-        """Close and delete the partial shards (and the resume log: a failed merge starts over)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        for shard in self.layout.shards:
-            try:
-                os.remove(os.path.join(self.out_dir, shard.file_name + PARTIAL_SUFFIX))
-            except FileNotFoundError:
-                pass
-        progress.remove_local(self.out_dir)
+    def process_id(self) -> int:
+        return os.getpid()
 
 
 def writer_class(out: str):

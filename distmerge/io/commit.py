@@ -119,11 +119,21 @@ class Destination:
             changes = progress.changed_since(self, plan, part_size)
             if changes:
                 raise self._not_resumable("; ".join(changes))
+            if not self.remote and not self._shards_fit(plan, ours):
+                raise self._not_resumable("its partial shards do not match the plan")
         existing = self.existing_checkpoint()
         if not interrupted and existing and not overwrite:
             raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
                               "pass --overwrite (overwrite=True) to replace it")
         return interrupted
+
+    def _shards_fit(self, plan: MergePlan, ours: List[str]) -> bool:
+        """Every shard of the plan is here once, partial or already renamed, at its size."""
+        for shard in plan.layout.shards:
+            here = [n for n in (shard.file_name, shard.file_name + PARTIAL_SUFFIX) if n in ours]
+            if len(here) != 1 or os.path.getsize(self.path(here[0])) != shard.size:
+                return False
+        return len(ours) == len(plan.layout.shards)
 
     def _not_resumable(self, reason: str) -> OutputError:
         return OutputError(f"output {self.url} holds an interrupted merge that cannot be resumed: {reason}. "
@@ -144,16 +154,14 @@ class Destination:
                 raise self._not_resumable("its partial shards do not match the plan")
             return point
         if interrupted:
-            for name in self.names():  # the interrupted merge's shards (any shard count), not others' files
-                if SHARD_NAME.fullmatch(name):
-                    self.remove(name)
+            self.discard()  # the interrupted merge's shards (any shard count), not others' files
         else:
             existing = self.existing_checkpoint()
             # The index goes first, so a half-removed checkpoint never looks finished; then
             # the old checkpoint's companion files, which could belong to another base model.
             for name in existing + [n for n in (*COMPANION_FILES, "config.json", "README.md") if existing]:
                 self.remove(name)
-        self._drop_resume_state()
+            self._drop_resume_state()
         if not self.remote:
             os.makedirs(self.url, exist_ok=True)
         progress.write_manifest(self, plan, part_size)
@@ -196,6 +204,17 @@ class Destination:
             remove_resume_state(self.fs, self.url)
         elif not self.remote:
             progress.remove_local(self.url)
+
+    def discard(self) -> None:
+        """Delete what a failed merge left, its shards and the resume state, so the next run
+        starts over. The writer must be stopped; a finished checkpoint is never touched."""
+        names = self.names()
+        if INDEX_NAME in names:
+            return
+        for name in names:
+            if SHARD_NAME.fullmatch(name):
+                self.remove(name)
+        self._drop_resume_state()
 
     def finish(self) -> None:
         """Drop the resume state once the checkpoint is committed (and any stray upload of

@@ -11,7 +11,7 @@ Resume state lives under the output prefix: the in-progress uploads and their pa
 plus one empty marker object per uploaded part,
 `.distmerge-parts/<shard>/<part>-<hex of etag>-<sha256>`, written after the part's
 upload succeeded, and `.distmerge-parts/<shard>/complete-<hex of etag>` once S3 has
-completed the shard. A part marker carries the part's SHA-256 (for the index
+completed the shard. A failed merge is cleaned up by `Destination.discard`. A part marker carries the part's SHA-256 (for the index
 checksums; S3 cannot return part bytes before completion) and its ETag ties it to the
 very part S3 holds. A part counts as done only when S3 lists it with a marker's ETag
 and the expected size; everything else is uploaded again.
@@ -20,6 +20,7 @@ and the expected size; everything else is uploaded again.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -181,9 +182,8 @@ def recover_uploads(fs, url: str, layout: OutputLayout, part_size: int) -> List[
     """What an interrupted merge left under `url`, checked against S3 (see the module doc).
 
     Of several uploads of one shard (a create request retried after S3 had already acted
-    on it) the one with most recorded parts is kept; the others, and uploads of shard
-    names outside the layout, are aborted. A shard object that does not match its markers
-    is deleted.
+    on it) the one with most recorded parts is kept and the others are aborted. A shard
+    object that does not match its markers is deleted.
     """
     fs.invalidate_cache()
     bucket, prefix = bucket_and_prefix(fs, url)
@@ -191,10 +191,6 @@ def recover_uploads(fs, url: str, layout: OutputLayout, part_size: int) -> List[
     uploads: Dict[str, List[str]] = {}
     for key, upload_id in shard_uploads(fs, url):
         uploads.setdefault(key, []).append(upload_id)
-    wanted = {prefix + s.file_name for s in layout.shards}
-    for key in set(uploads) - wanted:
-        for upload_id in uploads.pop(key):
-            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
     states = []
     for shard in layout.shards:
         key = prefix + shard.file_name
@@ -363,20 +359,5 @@ class MultipartShardWriter:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.buffers.clear()
 
-    def abort(self) -> None:
-        """Abort every upload, delete shards already completed, and drop the resume state:
-        a failed merge leaves no shard and starts over."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for (bucket, key), state in zip(self.keys, self.states):
-            try:
-                if state.complete:
-                    self.fs.call_s3("delete_object", Bucket=bucket, Key=key)
-                elif state.upload_id is not None:
-                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=state.upload_id)
-            except Exception:  # noqa: BLE001 - clean up the others anyway
-                pass
-        try:
-            remove_resume_state(self.fs, self.url)
-        except Exception:  # noqa: BLE001 - the failure that brought us here matters more
-            pass
-        self.buffers.clear()
+    def process_id(self) -> int:
+        return os.getpid()

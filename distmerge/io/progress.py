@@ -98,10 +98,11 @@ def finished_units(out_dir: str, unit_count: int) -> Set[int]:
     except OSError:
         lines = [""]
     done = {int(line) for line in lines[:-1] if line.strip().isdigit() and int(line) < unit_count}
-    with open(path, "w", encoding="ascii") as f:
+    with open(path + ".tmp", "w", encoding="ascii") as f:
         f.write("".join(f"{u}\n" for u in sorted(done)))
         f.flush()
         os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)  # a crash here keeps the old log or the new one, never neither
     return done
 
 
