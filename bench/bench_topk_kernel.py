@@ -183,7 +183,7 @@ def run(numel: int, repeat: int, dtypes: Sequence[str], threads: Sequence[int],
                 seconds = best_time(fn, repeat)
                 timings.append(Timing(dtype_name, n_threads, method, seconds, numel / seconds))
                 print(f"  {dtype_name:<9} {n_threads} thread(s)  {method:<26} {seconds:8.3f} s", flush=True)
-        del x
+        methods.clear()  # the closures hold this dtype's input: free it before the next one
     return checks, timings
 
 

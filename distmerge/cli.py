@@ -28,7 +28,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                         "CPU count unless set)")
     p.add_argument("--memory-per-worker", metavar="SIZE",
                    help="working memory one task may use, e.g. 2GiB; bigger tensors are split into row "
-                        "ranges (default: a quarter of this machine's memory shared by the workers, 256 MiB to 1 GiB)")
+                        "ranges (default: what an interrupted merge being resumed used, else a quarter of this "
+                        "machine's memory shared by the workers, 256 MiB to 1 GiB)")
     p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
                    help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON",
@@ -73,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("merge", help="run a merge", description="Run the merge CONFIG describes and write it to OUT.")
+    p = sub.add_parser("merge", help="run a merge", description="Run the merge CONFIG describes and write it to OUT. If OUT holds an "
+                       "interrupted run of the same merge, it is resumed.")
     p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
-    p.add_argument("out", metavar="OUT", help="output directory for the merged checkpoint")
+    p.add_argument("out", metavar="OUT", help="output directory (or s3://bucket/prefix) for the merged checkpoint")
     _add_run_options(p, merging=True)
 
     p = sub.add_parser("plan", help="validate a config and show the merge plan",
