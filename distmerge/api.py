@@ -104,8 +104,6 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
 
     from distmerge.engine.driver import Driver
     from distmerge.engine.writer import writer_class
-    from distmerge.io.multipart import check_part_size
-
     started = time.perf_counter()
     workers = num_workers or default_num_workers()
     merge_config = _as_config(config, storage_options)
@@ -116,8 +114,6 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     part_size = part_size or recorded.get("part_size") or DEFAULT_PART_SIZE
     merge_plan = plan(merge_config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
     parts = parse_size(part_size) if dest.s3 else 0
-    if dest.s3:
-        check_part_size(merge_plan.layout, parts)
     dest.check(overwrite, merge_plan, restart, parts)  # refusals come before Ray starts
 
     largest_output = max(u.out_bytes for u in merge_plan.units)
@@ -158,9 +154,6 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         try:
             if bar:
                 driver.on_written = bar.unit_written
-                for unit in merge_plan.units:
-                    if unit.index in resume.finished:
-                        bar.unit_written(unit)
             driver.attach_writer(start_writer(resume.writer_state), resume.finished)
             stats, written = driver.run()
         except BaseException as err:

@@ -41,26 +41,27 @@ def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
 
 
 class Driver:
-    def __init__(self, plan: MergePlan, writer: Any = None, *, max_in_flight: int, max_in_flight_bytes: int,
-                 threads_per_worker: int = 1, on_written: Optional[Callable[[WorkUnit], None]] = None,
-                 allow_nonfinite: bool = False, skip_units: Optional[set] = None,
+    def __init__(self, plan: MergePlan, *, max_in_flight: int, max_in_flight_bytes: int,
+                 threads_per_worker: int = 1, allow_nonfinite: bool = False,
                  restart_writer: Optional[Callable[[Any], Tuple[Any, Set[int]]]] = None) -> None:
+        """The writer comes later (`attach_writer`): `check_inputs` runs before it exists.
+        `on_written(unit)` is called once per unit the writer holds."""
         import ray
 
         self.ray = ray
         self.plan = plan
-        self.writer = writer
+        self.writer: Any = None
         self.max_in_flight = max(1, max_in_flight)
         self.max_in_flight_bytes = max_in_flight_bytes
         self.threads = threads_per_worker
         self.allow_nonfinite = allow_nonfinite
-        self.durable: Set[int] = set(skip_units or ())  # units the writer holds for sure
+        self.durable: Set[int] = set()  # units the writer holds for sure
         self.acknowledged: Set[int] = set()  # units the writer took (maybe not durable yet)
-        self.reported: Set[int] = set(self.durable)
+        self.reported: Set[int] = set()
         self.restart_writer = restart_writer
         self.writer_restarts = 0
         self.recomputed = 0  # units written once, lost with a dead writer, computed again
-        self.on_written = on_written or (lambda unit: None)
+        self.on_written: Callable[[WorkUnit], None] = lambda unit: None
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
         options = dict(num_cpus=threads_per_worker, max_retries=TASK_RETRIES, retry_exceptions=False)
@@ -206,17 +207,20 @@ class Driver:
             raise WriterLost(f"the writer actor died ({err}) and could not be replaced: {failure}; "
                              "re-run the merge to resume it") from failure
         self.recomputed += len(self.acknowledged - set(durable))
+        self._holds(durable)
+
+    def attach_writer(self, writer: Any, durable: Set[int]) -> None:
+        """The writer actor to send results to, and the units it already holds."""
+        self.writer = writer
+        self._holds(durable)
+
+    def _holds(self, durable: Set[int]) -> None:
+        """The writer holds exactly `durable` (and has taken nothing else yet)."""
         self.durable = set(durable)
         self.acknowledged = set()
         for unit in self.plan.units:
             if unit.index in self.durable:
                 self._report(unit)
-
-    def attach_writer(self, writer: Any, durable: Set[int]) -> None:
-        """The writer actor to send results to, and the units it already holds."""
-        self.writer = writer
-        self.durable = set(durable)
-        self.reported = set(durable)
 
     def run(self) -> Tuple[RunStats, Dict[str, Any]]:
         """Run the whole merge; return the run's statistics and what the writer's finalize

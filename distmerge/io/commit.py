@@ -65,9 +65,10 @@ class Destination:
         except FileNotFoundError:
             return []
 
-    def existing_checkpoint(self) -> List[str]:
-        """Names that make the destination look like a checkpoint (index first)."""
-        names = self.names()
+    def existing_checkpoint(self, names: Optional[List[str]] = None) -> List[str]:
+        """Names that make the destination look like a checkpoint (index first), among
+        `names` (default: listed now)."""
+        names = self.names() if names is None else names
         return ([INDEX_NAME] if INDEX_NAME in names else []) + [n for n in names if n.endswith(".safetensors")]
 
     def remove(self, name: str) -> None:
@@ -108,6 +109,10 @@ class Destination:
         interrupted merge is here (a manifest or partial shards, no index)."""
         if not self.remote and os.path.exists(self.url) and not os.path.isdir(self.url):
             raise OutputError(f"output {self.url} exists and is not a directory")
+        if self.s3:
+            from distmerge.io.multipart import check_part_size
+
+            check_part_size(plan.layout, part_size)
         names = self.names()
         ours = [n for n in names if SHARD_NAME.fullmatch(n)]
         # Locally a manifest with no shard files next to it (killed while starting) leaves
@@ -121,7 +126,7 @@ class Destination:
                 raise self._not_resumable("; ".join(changes))
             if not self.remote and not self._shards_fit(plan, ours):
                 raise self._not_resumable("its partial shards do not match the plan")
-        existing = self.existing_checkpoint()
+        existing = self.existing_checkpoint(names)
         if not interrupted and existing and not overwrite:
             raise OutputError(f"output {self.url} already holds a checkpoint ({existing[0]}); "
                               "pass --overwrite (overwrite=True) to replace it")
@@ -181,13 +186,11 @@ class Destination:
             return ResumePoint(units_within(plan, done_ranges(states, plan.layout, part_size)), states)
         if self.remote:
             return None
-        expected = {s.file_name + PARTIAL_SUFFIX: s.size for s in plan.layout.shards}
+        if not self._shards_fit(plan, [n for n in self.names() if SHARD_NAME.fullmatch(n)]):
+            return None
         for shard in plan.layout.shards:
             if os.path.exists(self.path(shard.file_name)):
                 os.replace(self.path(shard.file_name), self.path(shard.file_name + PARTIAL_SUFFIX))
-        partials = sorted(n for n in self.names() if SHARD_NAME.fullmatch(n) and n.endswith(PARTIAL_SUFFIX))
-        if partials != sorted(expected) or any(os.path.getsize(self.path(n)) != size for n, size in expected.items()):
-            return None
         finished = progress.finished_units(self.url, len(plan.units))
         written = [0] * len(plan.layout.shards)
         for unit in plan.units:

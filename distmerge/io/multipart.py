@@ -52,6 +52,11 @@ def part_count(size: int, part_size: int) -> int:
     return max(1, -(-size // part_size))
 
 
+def part_range(size: int, part_size: int, part: int) -> Tuple[int, int]:
+    """The bytes [start, end) of part index `part` in a shard of `size` bytes."""
+    return part * part_size, min(size, (part + 1) * part_size)
+
+
 def check_part_size(layout: OutputLayout, part_size: int) -> None:
     """Refuse part sizes S3 will not take, before anything is uploaded."""
     if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
@@ -89,13 +94,11 @@ def shard_uploads(fs, url: str) -> List[Tuple[str, str]]:
             if u["Key"].startswith(prefix) and SHARD_FILE.fullmatch(u["Key"][len(prefix):])]
 
 
-def abort_shard_uploads(fs, url: str) -> int:
-    """Abort the unfinished shard uploads under `url` (see `shard_uploads`); return how many."""
+def abort_shard_uploads(fs, url: str) -> None:
+    """Abort the unfinished shard uploads under `url` (see `shard_uploads`)."""
     bucket, _ = bucket_and_prefix(fs, url)
-    uploads = shard_uploads(fs, url)
-    for key, upload_id in uploads:
+    for key, upload_id in shard_uploads(fs, url):
         fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-    return len(uploads)
 
 
 def remove_resume_state(fs, url: str) -> None:
@@ -228,7 +231,8 @@ def _recorded_parts(fs, bucket: str, key: str, upload_id: str, shard_size: int, 
     for part in listed:
         p = part["PartNumber"] - 1
         etag = part["ETag"].strip('"')
-        if part["Size"] != min(part_size, shard_size - p * part_size):
+        start, end = part_range(shard_size, part_size, p)
+        if part["Size"] != end - start:
             continue
         for marked_etag, digest in markers.parts.get(p, []):
             if marked_etag == etag:
@@ -238,17 +242,15 @@ def _recorded_parts(fs, bucket: str, key: str, upload_id: str, shard_size: int, 
 
 def done_ranges(states: Sequence[ShardUpload], layout: OutputLayout, part_size: int) -> List[List[Tuple[int, int]]]:
     """Per shard, the byte ranges S3 already holds."""
-    ranges = []
-    for state, shard in zip(states, layout.shards):
-        ranges.append(sorted((p * part_size, min(shard.size, (p + 1) * part_size)) for p in state.parts))
-    return ranges
+    return [sorted(part_range(shard.size, part_size, p) for p in state.parts)
+            for state, shard in zip(states, layout.shards)]
 
 
 class MultipartShardWriter:
     def __init__(self, out_url: str, layout: OutputLayout, storage: Storage, part_size: int = DEFAULT_PART_SIZE,
                  resume: Optional[List[ShardUpload]] = None) -> None:
-        """Start one upload per shard, or carry on with the uploads of an interrupted run."""
-        check_part_size(layout, part_size)
+        """Start one upload per shard, or carry on with the uploads of an interrupted run.
+        `part_size` is checked by `Destination.check` (`check_part_size`)."""
         self.fs = storage.filesystem(out_url)
         self.url = out_url
         self.layout = layout
@@ -281,17 +283,13 @@ class MultipartShardWriter:
     def _parts(self, shard: int) -> int:
         return part_count(self.layout.shards[shard].size, self.part_size)
 
-    def _part_length(self, shard: int, part: int) -> int:
-        size = self.layout.shards[shard].size
-        return min(self.part_size, size - part * self.part_size)
-
     def _put(self, shard: int, offset: int, data: memoryview) -> None:
         done = self.states[shard].parts
         while len(data):
             part = offset // self.part_size
-            part_start = part * self.part_size
-            length = self._part_length(shard, part)
-            n = min(len(data), part_start + length - offset)
+            part_start, part_end = part_range(self.layout.shards[shard].size, self.part_size, part)
+            length = part_end - part_start
+            n = min(len(data), part_end - offset)
             if part not in done:  # else S3 holds these bytes already (a resumed run recomputes them)
                 buffer = self.buffers.setdefault((shard, part), bytearray(length))
                 buffer[offset - part_start:offset - part_start + n] = data[:n]
