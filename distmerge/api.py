@@ -34,6 +34,7 @@ class MergeSummary:
     reused_units: int = 0
     writer_restarts: int = 0
     recomputed_units: int = 0
+    random_seed: Optional[int] = None  # set for methods that draw random numbers
 
     @property
     def throughput(self) -> float:
@@ -51,6 +52,8 @@ class MergeSummary:
             f"peak memory: driver {format_bytes(self.driver_peak_rss)}, "
             f"largest worker {format_bytes(self.worker_peak_rss)} ({self.workers} worker process(es)), "
             f"writer {format_bytes(self.writer_peak_rss)}"
+            + (f"\nrandom seed: {self.random_seed} (--random-seed {self.random_seed} reproduces this merge)"
+               if self.random_seed is not None else "")
         )
 
 
@@ -64,18 +67,34 @@ def _as_config(config: Union[str, os.PathLike, MergeConfig],
 
 def plan(config: Union[str, os.PathLike, MergeConfig], *, shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
          memory_per_worker: Union[int, str, None] = None, num_workers: Optional[int] = None,
-         storage_options: Optional[Mapping[str, Any]] = None) -> MergePlan:
+         storage_options: Optional[Mapping[str, Any]] = None, random_seed: Optional[int] = None) -> MergePlan:
     """Validate the config and inputs and build the merge plan, reading headers only.
 
     `storage_options` are fsspec options for remote URLs (endpoint_url, profile, anon, ...),
-    over the config's `storage:` section.
+    over the config's `storage:` section. `random_seed` (over the config's `random_seed`)
+    seeds random methods; without either, a fresh seed is drawn for them.
     """
+    merge_config = _as_config(config, storage_options)
     return plan_merge(
-        _as_config(config, storage_options),
+        merge_config,
         shard_size=parse_size(shard_size),
         memory_per_worker=parse_size(memory_per_worker) if memory_per_worker else None,
         num_workers=num_workers or default_num_workers(),
+        seed=_merge_seed(merge_config, random_seed),
     )
+
+
+def _merge_seed(config: MergeConfig, given: Optional[int]) -> int:
+    """The seed random methods use: given, else the config's, else drawn (0 for other methods)."""
+    if not config.method.uses_random:
+        return 0
+    if given is not None:
+        return given
+    if config.random_seed is not None:
+        return config.random_seed
+    from distmerge.methods.counter_rng import draw_seed
+
+    return draw_seed()
 
 
 def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.PathLike], *,
@@ -84,7 +103,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
           overwrite: bool = False, progress: bool = False, threads_per_worker: int = 1,
           storage_options: Optional[Mapping[str, Any]] = None,
           part_size: Union[int, str, None] = None, allow_nonfinite: bool = False,
-          restart: bool = False, check_inputs: bool = False) -> MergeSummary:
+          restart: bool = False, check_inputs: bool = False, random_seed: Optional[int] = None) -> MergeSummary:
     """Merge the models of a mergekit-style config into a sharded safetensors checkpoint.
 
     Without `address` a local Ray is started on 127.0.0.1 (and stopped afterwards); with
@@ -99,6 +118,9 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     Re-running an interrupted merge resumes it (units already written are reused; a
     dead writer actor is replaced the same way mid-run); `restart` discards an
     interrupted merge instead.
+    Random methods draw from a generator keyed by `random_seed` (over the config's
+    `random_seed`; default: the interrupted merge's seed when resuming, else a fresh one,
+    reported in the summary and the model card).
     """
     import ray
 
@@ -112,7 +134,10 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     recorded = dest.recorded_options() if not restart else {}  # a resume plans as the interrupted run did
     memory_per_worker = memory_per_worker or recorded.get("memory_per_worker")
     part_size = part_size or recorded.get("part_size") or DEFAULT_PART_SIZE
-    merge_plan = plan(merge_config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers)
+    if random_seed is None and merge_config.random_seed is None:
+        random_seed = recorded.get("random_seed")
+    merge_plan = plan(merge_config, shard_size=shard_size, memory_per_worker=memory_per_worker, num_workers=workers,
+                      random_seed=random_seed)
     parts = parse_size(part_size) if dest.s3 else 0
     dest.check(overwrite, merge_plan, restart, parts)  # refusals come before Ray starts
 
@@ -187,6 +212,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
         reused_units=len(resume.finished),
         writer_restarts=driver.writer_restarts,
         recomputed_units=driver.recomputed,
+        random_seed=merge_plan.seed if merge_config.method.uses_random else None,
     )
 
 

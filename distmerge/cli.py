@@ -32,6 +32,10 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                         "machine's memory shared by the workers, 256 MiB to 1 GiB)")
     p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
                    help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
+    p.add_argument("--random-seed", type=_seed, metavar="N",
+                   help="seed of random methods (dare_*, della*), over the config's random_seed; the same seed "
+                        "gives the same bits for any memory budget, worker count or resume (default: the seed of "
+                        "an interrupted merge being resumed, else a fresh one, printed and recorded in the card)")
     p.add_argument("--storage-options", type=_json_object, metavar="JSON",
                    help='fsspec options for s3:// (or other remote) URLs, over the config\'s `storage:` '
                         'section, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; default: the standard '
@@ -54,6 +58,16 @@ def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
                        help="read every input once before merging and refuse NaN/Inf before OUT is touched "
                             "(default: each tensor is checked as it is merged)")
         p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError("must be from 0 to 2**63 - 1")
+    return value
 
 
 def _json_object(text: str) -> dict:
@@ -113,7 +127,7 @@ def _merge(args: argparse.Namespace) -> int:
                     overwrite=args.overwrite, progress=not args.no_progress,
                     threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
                     part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart,
-                    check_inputs=args.check_inputs)
+                    check_inputs=args.check_inputs, random_seed=args.random_seed)
     print(summary.format())
     return 0
 
@@ -124,7 +138,8 @@ def _plan(args: argparse.Namespace) -> int:
     from distmerge.planner import format_plan
 
     merge_plan = plan(args.config, shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
-                      num_workers=args.num_workers, storage_options=args.storage_options)
+                      num_workers=args.num_workers, storage_options=args.storage_options,
+                      random_seed=args.random_seed)
     print(format_plan(merge_plan, units=args.units))
     if args.out and existing_checkpoint(args.out, merge_plan.config.storage):
         print(f"warning: {args.out} already holds a checkpoint; `distmerge merge` needs --overwrite")

@@ -1,10 +1,11 @@
 """Read a mergekit-style YAML merge config into typed, validated objects.
 
 Unlike mergekit, unknown keys are errors (with the key's path), and every value is
-checked before any model is opened. Parameter values follow mergekit's forms: a
-scalar; a list of numbers (a gradient interpolated over the layers); or a list of
-`{filter, value}` conditions, the first whose filter is a substring of the tensor
-name winning.
+checked before any model is opened. Parameter values follow mergekit's forms, for
+global and per-model parameters alike: a scalar; a list (a gradient over the layers:
+numbers interpolate, booleans and strings step); or a list of `{filter, value}`
+conditions, the first whose filter is a substring of the tensor name winning. A
+model's own setting takes precedence over the global one.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from distmerge.errors import ConfigError
 from distmerge.io.dtypes import CONFIG_DTYPES
 from distmerge.io.storage import LOCAL, Storage, is_remote
 from distmerge.methods import METHODS, get_method
+from distmerge.methods.base import REQUIRED as REQUIRED_VALUE
 from distmerge.methods.base import MergeMethod, ParameterSpec, ResolvedParams
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "storage"}
+                  "storage", "random_seed"}
 UNSUPPORTED_KEYS = {
     "slices": "layer slices are not supported yet; list whole models under 'models'",
     "modules": "modules are not supported yet; list whole models under 'models'",
@@ -53,6 +55,7 @@ class MergeConfig:
     text: str  # the YAML as given, for the model card
     source: str  # file name (or "<string>") for messages
     storage: Storage = LOCAL  # fsspec options for remote URLs (the config's `storage:` section)
+    random_seed: Optional[int] = None  # seed of random methods (config `random_seed`, or --random-seed)
 
     @property
     def inputs(self) -> Tuple[ModelEntry, ...]:
@@ -138,9 +141,7 @@ def _check_setting(source: str, key: str, spec: ParameterSpec, value: Any) -> No
                 _check_setting(source, f"{key}[{i}].value", spec, cond["value"])
             return
         if any(isinstance(v, (dict, list)) for v in value):
-            raise _fail(source, key, "a list must hold either numbers (a gradient) or {filter, value} conditions")
-        if spec.type is not float:
-            raise _fail(source, key, "gradients (lists of values) apply to numeric parameters only")
+            raise _fail(source, key, "a list must hold either values (a gradient) or {filter, value} conditions")
         for i, v in enumerate(value):
             _check_scalar(source, f"{key}[{i}]", spec, v)
         return
@@ -148,7 +149,8 @@ def _check_setting(source: str, key: str, spec: ParameterSpec, value: Any) -> No
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """mergekit's rule: conditions by substring filter; numeric lists interpolate over t."""
+    """mergekit's rule: conditions by substring filter; lists of numbers interpolate over
+    t, lists of booleans or strings step (the value at int(t * (len - 1)))."""
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
@@ -161,6 +163,8 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         return None
     if len(setting) == 1:
         return setting[0]
+    if any(isinstance(v, (bool, str)) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
     scaled = t * (len(setting) - 1)
     i0 = int(scaled)
     i1 = min(len(setting) - 1, i0 + 1)
@@ -213,8 +217,6 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     base_ref = raw.get("base_model")
     if base_ref is not None and not isinstance(base_ref, str):
         raise _fail(source, "base_model", f"must be a path, got {base_ref!r}")
-    if method.uses_base and base_ref is None:
-        raise _fail(source, "base_model", f"is required by merge_method {name}")
 
     models: List[ModelEntry] = []
     seen = set()
@@ -246,16 +248,18 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                 raise _fail(source, f"{key}.parameters.{spec.name}",
                             f"is required by {name} (set it for this model or under the top-level 'parameters')")
         models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params))
-    if not models:
-        raise _fail(source, "models", "lists no model to merge besides the base model")
+    rule_problem = method.inputs.problems(name, method.uses_base and base_ref is not None, len(models))
+    if rule_problem:
+        raise _fail(source, *rule_problem)
 
     shared = {s.name: global_params.get(s.name, s.default) for s in method.parameters if not s.per_model}
-    for key, value in shared.items():
-        if isinstance(value, (list, dict)):
-            raise _fail(source, f"parameters.{key}", "global parameters take one value, not a gradient or filter list")
-    problem = method.check_config(shared)
-    if problem:
-        raise _fail(source, "parameters", problem)
+    if not any(isinstance(v, (list, dict)) for v in shared.values()):
+        problem = method.check_config(shared)  # with gradients or filters: checked per tensor at planning
+        if problem:
+            raise _fail(source, "parameters", problem)
+    if isinstance(shared.get("density_scope"), (list, dict)):
+        raise _fail(source, "parameters.density_scope", "takes one value for the whole merge, not a gradient "
+                                                        "or filter list")
     if shared.get("density_scope") == "model":
         for i, m in enumerate(models):
             setting = m.parameters.get("density", global_params.get("density", 1.0))
@@ -269,6 +273,9 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     storage = raw.get("storage") or {}
     if not isinstance(storage, dict):
         raise _fail(source, "storage", "must be a mapping of fsspec options (endpoint_url, profile, anon, ...)")
+    seed = raw.get("random_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise _fail(source, "random_seed", f"must be a whole number from 0 to 2**63 - 1, got {seed!r}")
     base = ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}) if method.uses_base else None
     return MergeConfig(
         method=method,
@@ -280,6 +287,7 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
         text=text,
         source=source,
         storage=Storage(storage),
+        random_seed=seed,
     )
 
 
@@ -291,7 +299,15 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
     per_model: List[Dict[str, Any]] = [{} for _ in config.models]
     for spec in method.parameters:
         if not spec.per_model:
-            shared[spec.name] = config.parameters.get(spec.name, spec.default)
+            value = spec.default
+            if spec.name in config.parameters:
+                value = evaluate_setting(config.parameters[spec.name], tensor_name, t)
+                if value is None:
+                    value = spec.default
+            if value is REQUIRED_VALUE:
+                raise ConfigError(f"{config.source}: parameters.{spec.name}: no value applies to tensor "
+                                  f"{tensor_name!r} (no filter matched)")
+            shared[spec.name] = float(value) if spec.type is float else value
             continue
         for i, model in enumerate(config.models):
             value = None

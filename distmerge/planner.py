@@ -18,7 +18,7 @@ from distmerge.errors import ConfigError, InputError
 from distmerge.io.checkpoint import Checkpoint, open_checkpoint
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
 from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
-from distmerge.methods.base import KeepsNothing, PieceMeta, StatisticsPlan
+from distmerge.methods.base import PieceMeta, StatisticsPlan
 from distmerge.sizes import format_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -116,6 +116,7 @@ class MergePlan:
     layout: OutputLayout
     memory_per_worker: int
     notes: Tuple[str, ...] = field(default=())
+    seed: int = 0  # the random seed every piece carries (random methods key on it)
 
     @property
     def tensor_count(self) -> int:
@@ -135,6 +136,14 @@ class MergePlan:
     @property
     def statistics_passes(self) -> int:
         return max((g.statistics.passes for g in self.groups.values() if g.distributed), default=0)
+
+    def phase_lists(self) -> Dict[Tuple[str, ...], int]:
+        """Each distinct sequence of statistics phase names, with how many tensors (groups) run it."""
+        counts: Dict[Tuple[str, ...], int] = {}
+        for group in self.groups.values():
+            names = tuple(p.name for p in group.statistics.phases)
+            counts[names] = counts.get(names, 0) + 1
+        return counts
 
 
 def _compute_dtype(config: MergeConfig, dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -158,8 +167,11 @@ def _rows_per_piece(shape: Tuple[int, ...], bytes_per_element: float, budget: in
 
 
 def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
-               memory_per_worker: Optional[int] = None, num_workers: int = 1) -> MergePlan:
-    """Read every input's headers and build the complete plan, or raise a clear error."""
+               memory_per_worker: Optional[int] = None, num_workers: int = 1, seed: int = 0) -> MergePlan:
+    """Read every input's headers and build the complete plan, or raise a clear error.
+
+    `seed` feeds the counter-based generator of random methods (ignored by the others).
+    """
     budget = memory_per_worker or default_memory_per_worker(num_workers)
     checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
     reference = checkpoints[0]
@@ -198,6 +210,9 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
         dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
         out_dtype = config.out_dtype or dtype
         params = resolve_parameters(config, name, num_layers)
+        problem = method.check_config(params.shared) or method.check_tensor(params)
+        if problem:
+            raise ConfigError(f"{config.source}: parameters of {method.name} for tensor {name!r}: {problem}")
         shape = infos[0].shape
         numel = math.prod(shape)
         out_tensors.append(OutputTensor(name, TORCH_TO_SAFETENSORS[out_dtype], shape,
@@ -205,19 +220,32 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
         tensor_specs.append((name, infos, dtype, out_dtype, params, shape))
 
     layout = plan_layout(out_tensors, shard_size)
-    scope = method.reduction_scope(tensor_specs[0][4].shared) if tensor_specs else "tensor"
+    scopes = {method.reduction_scope(spec[4].shared) for spec in tensor_specs}
+    if len(scopes) > 1:
+        raise ConfigError(f"{config.source}: parameters: the reduction scope (density_scope) must be the same "
+                          "for every tensor; set it once, without a gradient or filters")
+    scope = scopes.pop()
 
     pieces: List[Piece] = []
     for name, infos, dtype, out_dtype, params, shape in sorted(tensor_specs, key=lambda s: natural_key(s[0])):
         per_element = (method.working_set_factor(n_models) * dtype.itemsize
                        + sum(i.nbytes for i in infos) / max(1, math.prod(shape)) + out_dtype.itemsize)
         rows_total = shape[0] if shape else 1
-        step = _rows_per_piece(shape, per_element, budget)
+        whole = PieceMeta(name, shape, 0, rows_total, dtype, params, seed)
+        if method.splittable(whole):
+            step = _rows_per_piece(shape, per_element, budget)
+        else:
+            step = rows_total
+            if numel * per_element > budget:
+                raise ConfigError(
+                    f"tensor {name!r} ({numel} elements) must be merged whole by {method.name}, which needs "
+                    f"about {format_bytes(int(numel * per_element))} of working memory for it; raise "
+                    f"--memory-per-worker to at least that (now {format_bytes(budget)})")
         row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
         shard, offset = layout.locate(name)
         for r0 in range(0, max(rows_total, 1), max(step, 1)):
             r1 = min(rows_total, r0 + step) if shape else 1
-            meta = PieceMeta(name, shape, r0, r1, dtype, params)
+            meta = PieceMeta(name, shape, r0, r1, dtype, params, seed)
             elems = (r1 - r0) * row_numel if shape else 1
             sources = tuple(
                 SourceRange(i.path, i.dtype,
@@ -253,16 +281,9 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     for gid, refs in members.items():
         refs.sort(key=lambda r: (units[r[0]].pieces[r[1]].meta.tensor, units[r[0]].pieces[r[1]].meta.row_start))
         metas = [units[u].pieces[j].meta for u, j in refs]
-        try:
-            stats = method.plan_statistics(metas)
-        except KeepsNothing as err:
-            model = config.models[err.model_index]
-            raise ConfigError(
-                f"{config.source}: density {err.density} of model {model.ref!r} keeps no entry of {err.what} "
-                f"({err.numel} elements); raise it to at least {1 / err.numel:.3g}") from None
-        groups[gid] = ReductionGroup(gid, tuple(refs), stats)
+        groups[gid] = ReductionGroup(gid, tuple(refs), method.plan_statistics(metas))
 
-    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes))
+    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed)
 
 
 def format_plan(plan: MergePlan, units: bool = False) -> str:
@@ -274,9 +295,15 @@ def format_plan(plan: MergePlan, units: bool = False) -> str:
     packed = sum(1 for u in plan.units if len(u.pieces) > 1)
     lines.append(f"memory per worker: {format_bytes(plan.memory_per_worker)}    "
                  f"tensors split into row ranges: {len(split)}    units packing several tensors: {packed}")
+    lines.append("phases (tensors: statistics phases, then apply):")
+    for names, count in sorted(plan.phase_lists().items(), key=lambda item: (len(item[0]), item[0])):
+        lines.append(f"  {count:>5}: {' -> '.join(names + ('apply',))}")
     if plan.statistics_passes:
         dist = sum(1 for g in plan.groups.values() if g.distributed)
-        lines.append(f"reduction groups across units: {dist} (statistics passes: {plan.statistics_passes})")
+        lines.append(f"reduction groups across units: {dist} (each piece read once per phase, then to apply; "
+                     f"at most {plan.statistics_passes} phase(s))")
+    if cfg.method.uses_random:
+        lines.append(f"random seed: {plan.seed}")
     lines.append("inputs (bytes read):")
     for ckpt, nbytes in zip(plan.checkpoints, plan.read_bytes_by_input()):
         role = "base " if cfg.base is not None and ckpt is plan.checkpoints[0] else "model"

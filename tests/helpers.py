@@ -43,16 +43,24 @@ def shard_bytes(path: str) -> Dict[str, bytes]:
     return {os.path.basename(n): open(n, "rb").read() for n in names}
 
 
-def run_mergekit(config_path: str, out_path: str) -> Dict[str, torch.Tensor]:
-    """Run the real mergekit on a config (in process, as mergekit-yaml does)."""
+def run_mergekit(config_path: str, out_path: str, stable: bool = True) -> Dict[str, torch.Tensor]:
+    """Run the real mergekit on a config (in process, as mergekit-yaml does), by default
+    with its sorts made stable (mergekit_oracle.stable_sorts)."""
+    import contextlib
+
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
+    from mergekit_oracle import stable_sorts
+
     with open(config_path, encoding="utf-8") as f:
-        config = MergeConfiguration.model_validate(yaml.safe_load(f))
-    run_merge(config, out_path, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
-                                             num_threads=1))
+        raw = yaml.safe_load(f)
+    raw.pop("random_seed", None)  # distmerge's own key
+    config = MergeConfiguration.model_validate(raw)
+    with stable_sorts() if stable else contextlib.nullcontext():
+        run_merge(config, out_path, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True,
+                                                 num_threads=1))
     return load_checkpoint(out_path)
 
 

@@ -72,17 +72,46 @@ def test_missing_weight(tmp_path, paths):
     _expect(tmp_path, cfg, ConfigError, "models[2].parameters.weight", "required")
 
 
-@pytest.mark.parametrize("density", [0, -0.1, 1.5])
-def test_density_out_of_range(tmp_path, paths, density):
+def test_negative_density(tmp_path, paths):
+    cfg = ties(paths)
+    cfg["models"][0]["parameters"]["density"] = -0.1
+    _expect(tmp_path, cfg, ConfigError, "models[0].parameters.density", "must be >= 0", "0 keeps nothing")
+
+
+@pytest.mark.parametrize("density", [0, 1e-5, 1.5])
+def test_density_edges_plan_like_mergekit(paths, tmp_path, density):
+    """mergekit 0.1.5: density <= 0 keeps nothing, a tiny one keeps max(1, int(d * numel)), >= 1 keeps all."""
     cfg = ties(paths)
     cfg["models"][0]["parameters"]["density"] = density
-    _expect(tmp_path, cfg, ConfigError, "models[0].parameters.density", "(0, 1]")
+    plan = distmerge.plan(write_yaml(str(tmp_path / "merge.yml"), cfg))
+    assert plan.tensor_count == 30
 
 
-def test_density_keeping_nothing_names_the_tensor(tmp_path, paths):
-    cfg = ties(paths)
-    cfg["models"][0]["parameters"]["density"] = 1e-5
-    _expect(tmp_path, cfg, ConfigError, "keeps no entry of tensor 'lm_head.weight'", paths[1], "4.07e-05")
+def test_della_epsilon_outside_the_density_is_refused_naming_the_tensor(tmp_path, paths):
+    cfg = ties(paths, merge_method="della")
+    cfg["models"][1]["parameters"] = {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}],
+                                      "epsilon": 0.2}
+    _expect(tmp_path, cfg, ConfigError, "della", "model.layers.0.mlp.down_proj.weight", "model #2",
+            "density 0.1 +/- epsilon 0.2 must lie inside (0, 1)", "lower epsilon below 0.1")
+
+
+@pytest.mark.parametrize("method, change, fragments", [
+    ("ties", {"base_model": None}, ("base_model", "is required by merge_method ties")),
+    ("sce", {"base_model": None}, ("base_model", "is required by merge_method sce")),
+    ("dare_linear", {"models": "base-only"}, ("models", "needs at least 1 model(s) besides the base model, got 0")),
+])
+def test_input_rules_are_checked_at_planning(tmp_path, paths, method, change, fragments):
+    cfg = ties(paths, merge_method=method)
+    if change.get("base_model", 1) is None:
+        del cfg["base_model"]
+    if change.get("models") == "base-only":
+        cfg["models"] = [{"model": paths[0]}]
+    _expect(tmp_path, cfg, ConfigError, *fragments)
+
+
+def test_bad_random_seed(tmp_path, paths):
+    _expect(tmp_path, ties(paths, random_seed=-3), ConfigError, "random_seed", "whole number")
+    _expect(tmp_path, ties(paths, random_seed="abc"), ConfigError, "random_seed", "'abc'")
 
 
 def test_global_parameter_under_a_model(tmp_path, paths):
@@ -204,7 +233,34 @@ def test_gradient_and_filter_parameters_resolve_like_mergekit(paths):
     assert embed.per_model[0]["weight"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["ties.yml", "task_arithmetic.yml", "linear.yml"])
+def test_global_parameters_take_gradients_filters_and_stepping_booleans(paths):
+    """mergekit 0.1.5 resolves global parameters per tensor too; booleans and strings step."""
+    from distmerge.config import resolve_parameters
+
+    cfg = load_config(write_yaml(os.path.join(os.path.dirname(paths[0]), "global.yml"), {
+        "merge_method": "ties", "base_model": paths[0],
+        "parameters": {"lambda": [1.0, 2.0], "normalize": [True, False],
+                       "int8_mask": [{"filter": "self_attn", "value": True}, {"value": False}],
+                       "weight": 0.25, "density": [0.2, 0.6]},
+        "models": [{"model": paths[1], "parameters": {"weight": [{"filter": "mlp", "value": 0.9}]}},
+                   {"model": paths[2]}],
+    }))
+    first = resolve_parameters(cfg, "model.layers.0.self_attn.q_proj.weight", num_layers=3)
+    middle = resolve_parameters(cfg, "model.layers.1.mlp.up_proj.weight", num_layers=3)
+    last = resolve_parameters(cfg, "model.layers.2.mlp.up_proj.weight", num_layers=3)
+    assert (first.shared["lambda"], middle.shared["lambda"], last.shared["lambda"]) == (1.0, 1.5, 2.0)
+    assert (first.shared["normalize"], middle.shared["normalize"], last.shared["normalize"]) == (True, True, False)
+    assert (first.shared["int8_mask"], middle.shared["int8_mask"]) == (True, False)
+    # the model's own setting wins where its filter matches; the global one applies elsewhere
+    assert [p["weight"] for p in first.per_model] == [0.25, 0.25]
+    assert [p["weight"] for p in middle.per_model] == [0.9, 0.25]
+    assert [p["density"] for p in middle.per_model] == [0.4, 0.4]
+
+
+EXAMPLES = sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_configs_plan(model_factory, tmp_path, name):
     """configs/ examples are valid, and plan once models sit where they point."""
     paths = model_factory(torch.bfloat16)

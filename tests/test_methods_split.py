@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distmerge.methods import METHODS, topk
@@ -18,24 +18,27 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def _params(method, weights, densities, **shared):
+    """Every parameter of `method` at its default, overridden by the given values."""
     spec = METHODS[method]
     values = {p.name: p.default for p in spec.parameters if not p.per_model}
     values.update(shared)
     per_model = []
     for w, d in zip(weights, densities):
-        entry = {"weight": w}
+        entry = {p.name: p.default for p in spec.parameters if p.per_model and not p.required}
+        if spec.parameter("weight"):
+            entry["weight"] = w
         if spec.parameter("density"):
             entry["density"] = d
         per_model.append(entry)
     return ResolvedParams(values, tuple(per_model))
 
 
-def _pieces(name, base, models, params, cuts, uses_base=True):
+def _pieces(name, base, models, params, cuts, uses_base=True, seed=0):
     rows = base.shape[0]
     bounds = [0] + sorted(set(c for c in cuts if 0 < c < rows)) + [rows]
     pieces = []
     for r0, r1 in zip(bounds, bounds[1:]):
-        meta = PieceMeta(name, tuple(base.shape), r0, r1, base.dtype, params)
+        meta = PieceMeta(name, tuple(base.shape), r0, r1, base.dtype, params, seed)
         if uses_base:
             pieces.append(PieceInputs(meta, base[r0:r1], tuple(m[r0:r1] for m in models)))
         else:
@@ -43,9 +46,9 @@ def _pieces(name, base, models, params, cuts, uses_base=True):
     return pieces
 
 
-def _merge(method, name, base, models, params, cuts=()):
+def _merge(method, name, base, models, params, cuts=(), seed=0):
     m = METHODS[method]
-    outs = run_in_memory(m, _pieces(name, base, models, params, cuts, m.uses_base))
+    outs = run_in_memory(m, _pieces(name, base, models, params, cuts, m.uses_base, seed))
     return torch.cat([o.reshape(-1) for o in outs])
 
 
@@ -75,24 +78,21 @@ def merge_case(draw):
     return dtype, base, models, weights, densities, cuts, shared
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=merge_case(), method=st.sampled_from(["ties", "task_arithmetic", "linear"]))
-def test_split_equals_whole(case, method):
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=merge_case(), method=st.sampled_from(sorted(METHODS)), rescale=st.booleans(),
+       seed=st.integers(0, 2**63 - 1))
+def test_split_equals_whole(case, method, rescale, seed):
+    """Every method, any cut into row ranges: the same bits (random methods for one seed)."""
     dtype, base, models, weights, densities, cuts, shared = case
-    if method == "linear":
-        shared = {"normalize": shared["normalize"]}
-        weights = weights[:1] + weights
-        densities = densities[:1] + densities
-    elif method == "task_arithmetic":
-        shared = dict(shared, int8_mask=False)
-    else:
-        shared = dict(shared, sign_election="weighted", density_scope="tensor", int8_mask=True, rescale=False)
-    numel = base.numel()
-    if method == "ties" and any(int(d * numel) == 0 for d in densities if d < 1):
-        densities = [1.0 for _ in densities]
+    spec = METHODS[method]
+    if method == "linear":  # no base: the base tensor is one more model
+        models, weights, densities = [base] + models, weights[:1] + weights, densities[:1] + densities
+    shared = {k: v for k, v in dict(shared, rescale=rescale, select_topk=densities[0]).items() if spec.parameter(k)}
+    if spec.parameter("epsilon") and spec.parameter("epsilon").per_model:
+        densities = [min(max(d, 0.2), 0.8) for d in densities]  # della: density +/- 0.15 inside (0, 1)
     params = _params(method, weights, densities, **shared)
-    whole = _merge(method, "t", base, models, params)
-    split = _merge(method, "t", base, models, params, cuts)
+    whole = _merge(method, "t", base, models, params, seed=seed)
+    split = _merge(method, "t", base, models, params, cuts, seed=seed)
     assert torch.equal(_bits(whole), _bits(split))
 
 
@@ -102,24 +102,54 @@ def test_split_equals_whole(case, method):
        seed=st.integers(0, 2**16))
 def test_radix_select_keeps_exactly_k_lowest_index_ties_first(dtype, numel, density, levels, cuts, seed):
     k = int(density * numel)
-    if k == 0:
-        return
-    g = torch.Generator().manual_seed(seed)
-    values = (torch.randint(-levels, levels + 1, (numel,), generator=g).to(torch.float64) / levels).to(dtype)
-    keys = topk.magnitude_keys(values)
-    bounds = [0] + sorted(set(c for c in cuts if 0 < c < numel)) + [numel]
+    assume(k > 0)
+    values = _levels(dtype, numel, levels, seed)
     bits = topk.key_bits(dtype)
-    states = [topk.Selection(bits, 0, k) for _ in bounds[:-1]]
-    for p in range(topk.passes_for(bits)):
-        hists = [topk.digit_histogram(keys[a:b], bits, p, s.prefix) for (a, b), s in zip(zip(bounds, bounds[1:]), states)]
-        states = topk.reduce_pass(p, states, hists)
-    mask = torch.cat([topk.kept_mask(keys[a:b], s) for (a, b), s in zip(zip(bounds, bounds[1:]), states)])
+    mask, fast = _select(values, topk.top_k(bits, numel, k), cuts)
     assert mask.sum().item() == k
     # Reference: stable sort by magnitude descending keeps lower indices first among equals.
     order = np.argsort(-values.abs().to(torch.float64).numpy(), kind="stable")[:k]
     expected = torch.zeros(numel, dtype=torch.bool)
     expected[torch.from_numpy(order.copy())] = True
     assert torch.equal(mask, expected)
+    assert torch.equal(fast, expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(dtype=st.sampled_from(DTYPES + [torch.float64]), numel=st.integers(1, 600), start=st.integers(0, 600),
+       length=st.integers(0, 600), levels=st.sampled_from([2, 5, 1000]), cuts=st.lists(st.integers(1, 599), max_size=8),
+       seed=st.integers(0, 2**16))
+def test_ascending_window_matches_a_stable_ascending_sort(dtype, numel, start, length, levels, cuts, seed):
+    """Breadcrumbs' selection: positions [start, start + length) of a stable ascending sort."""
+    values = _levels(dtype, numel, levels, seed)
+    mask, fast = _select(values, topk.ascending_window(topk.key_bits(dtype), numel, start, start + length), cuts)
+    order = np.argsort(values.abs().to(torch.float64).numpy(), kind="stable")[start:start + length]
+    expected = torch.zeros(numel, dtype=torch.bool)
+    expected[torch.from_numpy(order.copy())] = True
+    assert torch.equal(mask, expected)
+    assert torch.equal(fast, expected)
+
+
+def _levels(dtype, numel, levels, seed):
+    """Values from a few levels: many exact ties at any threshold."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-levels, levels + 1, (numel,), generator=g).to(torch.float64) / levels).to(dtype)
+
+
+def _select(values, selection, cuts):
+    """Run the radix selection over pieces cut at `cuts`; return its mask, from kept_mask and keep_bits."""
+    numel = values.numel()
+    keys = topk.magnitude_keys(values)
+    bounds = [0] + sorted(set(c for c in cuts if 0 < c < numel)) + [numel]
+    ranges = list(zip(bounds, bounds[1:]))
+    states = [selection] * len(ranges)
+    if selection.searching:
+        for p in range(topk.passes_for(selection.bits)):
+            partials = [topk.histograms(keys[a:b], s, p) for (a, b), s in zip(ranges, states)]
+            states = topk.reduce_pass(p, states, partials)
+    mask = torch.cat([topk.kept_mask(keys[a:b], s) for (a, b), s in zip(ranges, states)])
+    fast = torch.cat([topk.keep_bits(keys[a:b], s) == -1 for (a, b), s in zip(ranges, states)])
+    return mask, fast
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -71,21 +71,26 @@ class Driver:
     # -- statistics ---------------------------------------------------------------------
 
     def run_statistics(self) -> Dict[str, List[Any]]:
-        """Run the passes of every group that spans several pieces; return final carries."""
+        """Run the phases of every group that spans several pieces; return final carries.
+
+        Round r runs the r-th phase of every group that has one, so all groups share
+        the rounds' reads and tasks; the engine never looks inside a phase."""
         method = get_method(self.plan.config.method.name)
         groups = {gid: g for gid, g in self.plan.groups.items() if g.distributed}
         carries = {gid: list(g.statistics.carries) for gid, g in groups.items()}
-        for pass_index in range(self.plan.statistics_passes):
-            active = {gid for gid, g in groups.items() if g.statistics.passes > pass_index}
-            by_unit: Dict[int, List[Any]] = {}
+        for round_index in range(self.plan.statistics_passes):
+            active = {gid for gid, g in groups.items() if g.statistics.passes > round_index}
+            phases = {gid: groups[gid].statistics.phases[round_index] for gid in active}
+            by_unit: Dict[int, List[Any]] = {}  # per piece: (phase, carry), or None
             slot: Dict[tuple, tuple] = {}
             for gid in active:
                 for position, (u, j) in enumerate(groups[gid].pieces):
-                    by_unit.setdefault(u, [None] * len(self.plan.units[u].pieces))[j] = carries[gid][position]
+                    by_unit.setdefault(u, [None] * len(self.plan.units[u].pieces))[j] = (
+                        phases[gid], carries[gid][position])
                     slot[(u, j)] = (gid, position)
             partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
-            jobs = [(u, partial_carries) for u, partial_carries in by_unit.items()]
-            for u, (unit_partials, stats) in self._completed(jobs, pass_index):
+            jobs = [(u, work) for u, work in by_unit.items()]
+            for u, (unit_partials, stats) in self._completed(jobs):
                 self.stats.add(stats)
                 for j, partial in enumerate(unit_partials):
                     if (u, j) in slot:
@@ -93,15 +98,15 @@ class Driver:
                         partials[gid][position] = partial
             for gid in active:
                 metas = [self.plan.units[u].pieces[j].meta for u, j in groups[gid].pieces]
-                carries[gid] = method.reduce(pass_index, metas, partials[gid], carries[gid])
+                carries[gid] = method.reduce(phases[gid], metas, partials[gid], carries[gid])
         return carries
 
-    def _completed(self, jobs: List[tuple], pass_index: int):
-        """Run one statistics pass over (unit index, carries) jobs; yield (unit index, result)."""
+    def _completed(self, jobs: List[tuple]):
+        """Run one round of statistics phases over (unit index, per-piece work) jobs; yield (unit index, result)."""
         method_name = self.plan.config.method.name
 
-        def submit(u: int, carries: Any) -> Any:
-            return self.collect_task.remote(self.plan.units[u], method_name, pass_index, carries,
+        def submit(u: int, work: Any) -> Any:
+            return self.collect_task.remote(self.plan.units[u], method_name, work,
                                             self.plan.config.storage, self.threads, self.allow_nonfinite)
 
         yield from self._bounded(jobs, submit)

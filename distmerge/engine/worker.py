@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import math
 from dataclasses import dataclass, replace
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from distmerge.io.remote import changed_error, read_remote_many
 from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
-from distmerge.methods.base import PieceInputs, run_in_memory
+from distmerge.methods.base import MergeMethod, Phase, PieceInputs, run_in_memory
 from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
 
 LOCAL = "local"  # carry marker: this piece's reduction group is the piece itself
@@ -92,29 +92,31 @@ def _stats(read_bytes: int) -> WorkerStats:
     return WorkerStats(os.getpid(), read_bytes, peak_rss())
 
 
-def collect_unit(unit: WorkUnit, method_name: str, pass_index: int, carries: Sequence[Any],
+def collect_unit(unit: WorkUnit, method_name: str, work: Sequence[Optional[Tuple[Phase, Any]]],
                  storage: Storage, threads: int = 1, allow_nonfinite: bool = False) -> Tuple[List[Any], WorkerStats]:
-    """Statistics pass `pass_index` over the pieces of `unit` whose carry is not None."""
+    """One statistics phase for each piece of `unit` given (phase, carry); None skips a piece."""
     torch.set_num_threads(threads)
     method = get_method(method_name)
     partials: List[Any] = []
     read = 0
-    for piece, carry in zip(unit.pieces, carries):
-        if carry is None:
+    for piece, task in zip(unit.pieces, work):
+        if task is None:
             partials.append(None)
             continue
+        phase, carry = task
         inputs = _load(piece, method.uses_base, storage, allow_nonfinite)
         read += sum(s.nbytes for s in piece.sources)
-        partials.append(method.collect(pass_index, inputs, carry))
+        partials.append(method.collect(phase, inputs, carry))
         del inputs
     return partials, _stats(read)
 
 
-def _sub_pieces(inputs: PieceInputs, rows_per_sub: int) -> List[PieceInputs]:
-    """Cut a loaded piece into row ranges small enough for the CPU caches (views, no copies)."""
+def _sub_pieces(inputs: PieceInputs, rows_per_sub: int, method: MergeMethod) -> List[PieceInputs]:
+    """Cut a loaded piece into row ranges small enough for the CPU caches (views, no
+    copies), where the method's split policy allows."""
     meta = inputs.meta
     rows = meta.row_end - meta.row_start
-    if not meta.shape or rows <= rows_per_sub:
+    if not meta.shape or rows <= rows_per_sub or not method.splittable(meta):
         return [inputs]
     subs = []
     for r0 in range(0, rows, rows_per_sub):
@@ -149,7 +151,7 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
         inputs = _load(piece, method.uses_base, storage, allow_nonfinite)
         read += sum(s.nbytes for s in piece.sources)
         if isinstance(carry, str) and carry == LOCAL:
-            results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta)))
+            results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
         else:
             results = [method.apply(inputs, carry)]
         del inputs

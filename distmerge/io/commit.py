@@ -276,6 +276,9 @@ def model_card(plan: MergePlan) -> str:
     if cfg.base is not None:
         lines += [f"Base model: `{cfg.base.ref}`", ""]
     lines += ["Models merged:", ""] + [f"- `{m.ref}`" for m in cfg.models]
+    if cfg.method.uses_random:
+        lines += ["", f"Random seed: `{plan.seed}` (the same config with `--random-seed {plan.seed}` "
+                      "reproduces this merge bit for bit)"]
     lines += ["", "## Configuration", "", "The merge configuration:", "", "```yaml", card_config_text(plan),
               "```", ""]
     return "\n".join(lines)

@@ -22,12 +22,13 @@ if TYPE_CHECKING:  # the writer actor imports this module and must not pay for t
 
 MANIFEST = ".distmerge-manifest.json"
 PROGRESS = ".distmerge-progress"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 WHAT = {
     "config": "the merge config changed",
     "inputs": "an input model changed (a file's size, ETag or modification time)",
     "plan": "the options that shape the output changed (shard size, memory per worker, dtypes, ...)",
     "parts": "the multipart part size (--part-size) changed",
+    "seed": "the random seed (--random-seed or random_seed) changed",
 }
 
 
@@ -51,13 +52,15 @@ def fingerprints(plan: MergePlan, part_size: int = 0) -> Dict[str, str]:
         "inputs": _digest([sorted(c.versions.items()) for c in plan.checkpoints]),
         "plan": _digest([plan.layout.index_json(), [s.header.hex() for s in plan.layout.shards], units]),
         "parts": _digest(part_size),
+        "seed": _digest(plan.seed),
     }
 
 
 def write_manifest(files: StateFiles, plan: MergePlan, part_size: int = 0) -> None:
     manifest = {"version": MANIFEST_VERSION, "units": len(plan.units),
                 "fingerprints": fingerprints(plan, part_size),
-                "options": {"memory_per_worker": plan.memory_per_worker, "part_size": part_size}}
+                "options": {"memory_per_worker": plan.memory_per_worker, "part_size": part_size,
+                            "random_seed": plan.seed}}
     files.write(MANIFEST, json.dumps(manifest).encode())
 
 

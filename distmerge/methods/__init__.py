@@ -4,9 +4,11 @@ from typing import Dict
 
 from distmerge.methods.base import MergeMethod
 from distmerge.methods.linear import LINEAR
-from distmerge.methods.task_arithmetic import TASK_ARITHMETIC, TIES
+from distmerge.methods.ram import RAM, RAMPLUS_TL
+from distmerge.methods.sce import SCE
+from distmerge.methods.task_vectors import TASK_VECTOR_METHODS
 
-METHODS: Dict[str, MergeMethod] = {m.name: m for m in (TIES, TASK_ARITHMETIC, LINEAR)}
+METHODS: Dict[str, MergeMethod] = {m.name: m for m in (*TASK_VECTOR_METHODS, SCE, RAM, RAMPLUS_TL, LINEAR)}
 
 
 def get_method(name: str) -> MergeMethod:

@@ -1,13 +1,20 @@
-"""The protocol every merge method implements: statistics to reduce, then apply.
+"""The protocol every merge method implements: named statistics phases, then apply.
 
 A method never sees Ray, files or the whole tensor. The engine hands it *pieces*: a
 row range of one output tensor, with the matching rows of every input already in the
-compute dtype. Methods that need per-tensor (or per-model) statistics declare how many
-statistics passes they need; the engine runs each pass over every piece of a reduction
-group, hands the partial results to `reduce`, and passes what `reduce` returns back to
-each piece for the next pass and finally for `apply`. Because reductions are exact
-(integer histograms, or statistics combined in a fixed order), the output does not
-depend on how a tensor is split into pieces or where they run.
+compute dtype. Methods that need per-tensor (or per-model) statistics declare them as
+named *phases* (`plan_statistics`); the engine runs each phase over every piece of a
+reduction group (`collect`), hands the partial results to `reduce`, and passes what
+`reduce` returns back to each piece for the next phase and finally for `apply`.
+Because reductions are exact (integer histograms and counts, sums kept as integers),
+the output does not depend on how a tensor is split into pieces or where they run.
+
+What else a method declares to the engine, without the engine knowing the method:
+- `inputs`: its input rules (base required/forbidden, how many models), checked at planning;
+- `splittable`: whether a tensor may be cut into row ranges (a method that ranks
+  within whole rows, or along a 1-D tensor, says no for those tensors);
+- `working_set_factor`: its peak working memory per element, for the split sizes;
+- `uses_random`: whether it draws from the seeded counter-based generator (random.py).
 """
 
 from __future__ import annotations
@@ -45,6 +52,36 @@ class ParameterSpec:
 
 
 @dataclass(frozen=True)
+class InputRules:
+    """What inputs a method accepts: mergekit's input contract, checked at planning.
+
+    `base`: "required", "ignored" (a base_model in the config is not an input unless it is
+    also listed under models) or "forbidden". Counts are of the models other than the base.
+    """
+
+    base: str = "required"
+    min_models: int = 1
+    max_models: Optional[int] = None
+
+    def problems(self, method: str, has_base: bool, n_models: int) -> Optional[Tuple[str, str]]:
+        """(config key, what is wrong and how to fix it), or None when the inputs fit."""
+        if self.base == "required" and not has_base:
+            return "base_model", f"is required by merge_method {method}; name the model the others were tuned from"
+        if self.base == "forbidden" and has_base:
+            return "base_model", f"merge_method {method} takes no base model; remove base_model"
+        if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
+            if self.max_models == self.min_models:
+                want = f"exactly {self.min_models}"
+            elif self.max_models is None:
+                want = f"at least {self.min_models}"
+            else:
+                want = f"{self.min_models} to {self.max_models}"
+            others = " besides the base model" if has_base else ""
+            return "models", f"merge_method {method} needs {want} model(s){others}, got {n_models}"
+        return None
+
+
+@dataclass(frozen=True)
 class ResolvedParams:
     """Parameter values for one tensor: global ones, and one dict per non-base input."""
 
@@ -65,6 +102,7 @@ class PieceMeta:
     row_end: int
     dtype: torch.dtype  # compute dtype
     params: ResolvedParams
+    seed: int = 0  # the merge's random seed (methods that draw random numbers key on it)
 
     @property
     def row_numel(self) -> int:
@@ -73,6 +111,15 @@ class PieceMeta:
     @property
     def numel(self) -> int:
         return (self.row_end - self.row_start) * self.row_numel
+
+    @property
+    def tensor_numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 1
+
+    @property
+    def first_element(self) -> int:
+        """Flat index (in the whole tensor) of this piece's first element."""
+        return self.row_start * self.row_numel
 
 
 @dataclass
@@ -90,19 +137,31 @@ class PieceInputs:
     memo: Dict[str, Any] = field(default_factory=dict)
 
 
-class KeepsNothing(ValueError):
-    """A density keeps no entry of a tensor (or model) for one input model."""
+@dataclass(frozen=True)
+class Phase:
+    """One statistics phase: what the method computes (`step`, and which pass of a
+    multi-pass step), and the name `distmerge plan` shows. The engine treats it as opaque."""
 
-    def __init__(self, what: str, model_index: int, density: float, numel: int) -> None:
-        super().__init__(f"density {density} keeps no entry of {what} ({numel} elements) for model "
-                         f"#{model_index + 1}; raise density to at least {1 / numel:.3g}")
-        self.what, self.model_index, self.density, self.numel = what, model_index, density, numel
+    step: str
+    index: int = 0
+    of: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.step if self.of == 1 else f"{self.step} {self.index + 1}/{self.of}"
 
 
 @dataclass(frozen=True)
 class StatisticsPlan:
-    passes: int
+    """The named statistics phases a reduction group runs, in order, and each piece's first carry."""
+
+    phases: Tuple[Phase, ...]
     carries: List[Any]
+
+    @property
+    def passes(self) -> int:
+        """How many times each piece's inputs are read for statistics (one per phase)."""
+        return len(self.phases)
 
 
 class MergeMethod(ABC):
@@ -110,8 +169,14 @@ class MergeMethod(ABC):
 
     name: str
     parameters: Tuple[ParameterSpec, ...]
-    uses_base: bool
+    inputs: InputRules = InputRules()
     description: str = ""
+    uses_random: bool = False
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether pieces carry a base tensor (the base model is an input apart)."""
+        return self.inputs.base == "required"
 
     def parameter(self, name: str) -> Optional[ParameterSpec]:
         return next((p for p in self.parameters if p.name == name), None)
@@ -119,6 +184,14 @@ class MergeMethod(ABC):
     def check_config(self, shared: Mapping[str, Any]) -> Optional[str]:
         """Cross-parameter checks on the global parameters; return a problem or None."""
         return None
+
+    def check_tensor(self, params: ResolvedParams) -> Optional[str]:
+        """Checks on the values resolved for one tensor (after gradients and filters)."""
+        return None
+
+    def splittable(self, meta: PieceMeta) -> bool:
+        """Whether this tensor may be processed as separate row ranges (the split policy)."""
+        return True
 
     def reduction_scope(self, shared: Mapping[str, Any]) -> str:
         """'tensor' (statistics per tensor) or 'model' (one group for the whole model)."""
@@ -129,17 +202,19 @@ class MergeMethod(ABC):
         return 2.0 * n_models + 4.0
 
     def plan_statistics(self, metas: Sequence[PieceMeta]) -> StatisticsPlan:
-        """How many statistics passes a reduction group needs, and each piece's first carry.
+        """The statistics phases a reduction group needs, and each piece's first carry.
 
         `metas` come in tie order: by tensor name, then row.
         """
-        return StatisticsPlan(0, [None] * len(metas))
+        return StatisticsPlan((), [None] * len(metas))
 
-    def collect(self, pass_index: int, inputs: PieceInputs, carry: Any) -> Any:
+    def collect(self, phase: Phase, inputs: PieceInputs, carry: Any) -> Any:
+        """One piece's partial statistics for `phase` (small: histograms, counts, sums)."""
         raise NotImplementedError
 
-    def reduce(self, pass_index: int, metas: Sequence[PieceMeta], partials: Sequence[Any],
+    def reduce(self, phase: Phase, metas: Sequence[PieceMeta], partials: Sequence[Any],
                carries: Sequence[Any]) -> List[Any]:
+        """Combine the pieces' partials of `phase` (in tie order); return each piece's next carry."""
         raise NotImplementedError
 
     @abstractmethod
@@ -152,7 +227,7 @@ def run_in_memory(method: MergeMethod, pieces: Sequence[PieceInputs]) -> List[to
     metas = [p.meta for p in pieces]
     stats = method.plan_statistics(metas)
     carries = stats.carries
-    for pass_index in range(stats.passes):
-        partials = [method.collect(pass_index, p, c) for p, c in zip(pieces, carries)]
-        carries = method.reduce(pass_index, metas, partials, carries)
+    for phase in stats.phases:
+        partials = [method.collect(phase, p, c) for p, c in zip(pieces, carries)]
+        carries = method.reduce(phase, metas, partials, carries)
     return [method.apply(p, c) for p, c in zip(pieces, carries)]

@@ -11,12 +11,12 @@ from typing import Any, Optional
 
 import torch
 
-from distmerge.methods.base import MergeMethod, ParameterSpec, PieceInputs
+from distmerge.methods.base import InputRules, MergeMethod, ParameterSpec, PieceInputs
 
 
 class LinearMerge(MergeMethod):
     name = "linear"
-    uses_base = False
+    inputs = InputRules(base="ignored")
     description = "Linear: weighted average of the models"
     parameters = (
         ParameterSpec("weight", float, per_model=True, help="this model's weight"),

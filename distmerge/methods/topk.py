@@ -1,19 +1,27 @@
-"""Exact top-k by magnitude without sorting, mergeable across pieces.
+"""Exact order statistics by magnitude without sorting, mergeable across pieces.
 
 Non-negative IEEE floats order like their bit patterns read as integers, so |x| can be
-ranked by `bits(x) & 0x7F..F`. The k-th largest key is found digit by digit, 16 bits a
-pass (radix select): each piece histograms the current digit of the keys that still
-match the prefix chosen so far; histograms add up across pieces; the reduction picks
-the digit holding the k-th largest. 16-bit floats need one pass, 32-bit two, 64-bit
-four. Entries equal to the final threshold (ties) are kept lowest flat index first:
-each piece learns how many of its own ties it keeps from the tie counts of the pieces
-before it, which the last pass's histograms already hold.
+ranked by `bits(x) & 0x7F..F`. The key at a given rank is found digit by digit, 16
+bits a pass (radix select): each piece histograms the current digit of the keys that
+still match the prefix chosen so far; histograms add up across pieces; the reduction
+picks the digit holding the wanted rank. 16-bit floats need one pass, 32-bit two,
+64-bit four.
+
+A `Selection` keeps a window of positions [start, stop) in one of two orders, the
+orders a *stable* sort gives (mergekit's sorts made stable):
+- "desc": largest key first, equal keys by flat index (top-k: the window [0, k));
+- "asc": smallest key first, equal keys by flat index (breadcrumbs: drop the smallest
+  and the largest, keep what lies between).
+Each end of the window is a `Boundary`: the key of the element at that position and
+its ordinal among the elements with that key (the ties, in flat-index order). Each
+piece learns how many of those ties lie in the pieces before it from the last pass's
+histograms, so it can tell on its own which of its ties fall inside the window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +35,7 @@ _KEY_INT = {
     torch.float32: (torch.int32, 0x7FFFFFFF),
     torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF),
 }
+FLOAT_OF_BITS = {16: torch.float16, 32: torch.float32, 64: torch.float64}
 
 
 def key_bits(dtype: torch.dtype) -> int:
@@ -39,19 +48,67 @@ def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(int_dtype) & mask
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Selection state for one input model over one reduction group.
+def keys_of(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Magnitude keys of `x` at `bits` wide (widening x first when the group's keys are wider)."""
+    if key_bits(x.dtype) != bits:
+        x = x.to(FLOAT_OF_BITS[bits])
+    return magnitude_keys(x)
 
-    While passes remain: `prefix` holds the digits chosen so far and `remaining` how
-    many entries to keep among keys with that prefix. After the last pass `prefix` is
-    the full threshold key and `quota` how many ties at the threshold this piece keeps.
+
+@dataclass(frozen=True)
+class Boundary:
+    """One end of a window: the element at one position of the order.
+
+    While passes remain, `prefix` holds the key's digits chosen so far and `remaining`
+    the element's rank, counted from the largest key (1-based), among keys with that
+    prefix. Once found, `prefix` is the whole key, `ordinal` the element's place among
+    the ties (0-based, flat-index order over the group) and `offset` how many of those
+    ties lie in the pieces before this one.
     """
 
-    bits: int
-    prefix: int
     remaining: int
-    quota: Optional[int] = None
+    prefix: int = 0
+    ordinal: int = -1
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The entries one input keeps over one reduction group (see the module docstring)."""
+
+    bits: int
+    order: str = "desc"  # "desc" or "asc"
+    first: Optional[Boundary] = None  # None: the window starts at the first position
+    last: Optional[Boundary] = None  # None: the window runs to the last position
+    keeps: str = "window"  # "window", "all" or "none"
+
+    @property
+    def searching(self) -> bool:
+        return self.keeps == "window"
+
+    def boundaries(self) -> Dict[str, Boundary]:
+        return {name: b for name, b in (("first", self.first), ("last", self.last)) if b is not None}
+
+
+def top_k(bits: int, numel: int, k: int) -> Selection:
+    """The k largest magnitudes, equal ones lowest flat index first (a stable descending sort)."""
+    if k <= 0:
+        return Selection(bits, keeps="none")
+    if k >= numel:
+        return Selection(bits, keeps="all")
+    return Selection(bits, "desc", last=Boundary(k))
+
+
+def ascending_window(bits: int, numel: int, start: int, stop: int) -> Selection:
+    """Positions [start, stop) of a stable ascending sort of the magnitudes."""
+    start, stop = max(0, start), min(numel, stop)
+    if start >= stop:
+        return Selection(bits, keeps="none")
+    if start == 0 and stop == numel:
+        return Selection(bits, keeps="all")
+    first = Boundary(numel - start) if start > 0 else None
+    last = Boundary(numel - (stop - 1)) if stop < numel else None
+    return Selection(bits, "asc", first=first, last=last)
 
 
 def digit_histogram(keys: torch.Tensor, bits: int, pass_index: int, prefix: int) -> np.ndarray:
@@ -69,8 +126,19 @@ def digit_histogram(keys: torch.Tensor, bits: int, pass_index: int, prefix: int)
     return np.bincount(array, minlength=BINS).astype(np.int64, copy=False)
 
 
-def choose_digit(histogram: np.ndarray, remaining: int) -> tuple:
-    """The digit holding the `remaining`-th largest entry, and how many to keep within it."""
+def histograms(keys: torch.Tensor, selection: Selection, pass_index: int) -> Dict[str, np.ndarray]:
+    """One piece's partial for a search pass: a histogram per boundary (shared when prefixes agree)."""
+    out: Dict[str, np.ndarray] = {}
+    by_prefix: Dict[int, np.ndarray] = {}
+    for name, boundary in selection.boundaries().items():
+        if boundary.prefix not in by_prefix:
+            by_prefix[boundary.prefix] = digit_histogram(keys, selection.bits, pass_index, boundary.prefix)
+        out[name] = by_prefix[boundary.prefix]
+    return out
+
+
+def choose_digit(histogram: np.ndarray, remaining: int) -> Tuple[int, int]:
+    """The digit holding the `remaining`-th largest entry, and its rank within that digit."""
     from_top = np.cumsum(histogram[::-1])
     j = int(np.searchsorted(from_top, remaining))
     digit = BINS - 1 - j
@@ -78,23 +146,55 @@ def choose_digit(histogram: np.ndarray, remaining: int) -> tuple:
     return digit, remaining - above
 
 
-def reduce_pass(pass_index: int, states: Sequence[Selection], histograms: Sequence[np.ndarray]) -> List[Selection]:
-    """Combine one pass's per-piece histograms; return each piece's next state."""
-    first = states[0]
-    total = np.sum(np.stack(histograms), axis=0)
-    digit, remaining = choose_digit(total, first.remaining)
-    prefix = (first.prefix << DIGIT_BITS) | digit
-    last = DIGIT_BITS * (pass_index + 1) >= first.bits
-    if not last:
-        return [Selection(first.bits, prefix, remaining) for _ in states]
-    out = []
-    before = 0
-    for hist in histograms:
-        ties_here = int(hist[digit])
-        quota = min(ties_here, max(0, remaining - before))
-        before += ties_here
-        out.append(Selection(first.bits, prefix, remaining, quota))
-    return out
+def passes_for(bits: int) -> int:
+    return bits // DIGIT_BITS
+
+
+def reduce_pass(pass_index: int, selections: Sequence[Selection],
+                partials: Sequence[Dict[str, np.ndarray]]) -> List[Selection]:
+    """Combine one pass's per-piece histograms (in tie order); return each piece's next selection."""
+    first = selections[0]
+    if not first.searching:
+        return list(selections)
+    last_pass = DIGIT_BITS * (pass_index + 1) >= first.bits
+    per_piece: List[Dict[str, Boundary]] = [{} for _ in selections]
+    for name, boundary in first.boundaries().items():
+        hists = [p[name] for p in partials]
+        total = np.sum(np.stack(hists), axis=0)
+        digit, within = choose_digit(total, boundary.remaining)
+        prefix = (boundary.prefix << DIGIT_BITS) | digit
+        if not last_pass:
+            for row in per_piece:
+                row[name] = Boundary(within, prefix)
+            continue
+        ties = int(total[digit])
+        ordinal = within - 1 if first.order == "desc" else ties - within
+        before = 0
+        for row, hist in zip(per_piece, hists):
+            row[name] = Boundary(within, prefix, ordinal, before)
+            before += int(hist[digit])
+    return [replace(s, **row) for s, row in zip(selections, per_piece)]
+
+
+def _tie_positions(keys: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.nonzero((keys == key).reshape(-1)).reshape(-1)
+
+
+def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """Boolean mask (keys' shape) of the entries this piece keeps."""
+    if selection.keeps != "window":
+        return torch.full(keys.shape, selection.keeps == "all", dtype=torch.bool)
+    mask: Optional[torch.Tensor] = None
+    for name, b in selection.boundaries().items():
+        inside_is_smaller = (selection.order == "desc") == (name == "first")
+        side = keys < b.prefix if inside_is_smaller else keys > b.prefix
+        ties = _tie_positions(keys, b.prefix)
+        local = b.ordinal - b.offset
+        chosen = ties[max(0, local):] if name == "first" else ties[:max(0, local + 1)]
+        side.reshape(-1)[chosen] = True
+        mask = side if mask is None else mask & side
+    assert mask is not None
+    return mask
 
 
 def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -104,19 +204,13 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     entry becomes a zero with the delta's sign), at the cost of integer ops.
     """
     sign_bit = torch.iinfo(keys.dtype).min
-    mask = torch.sub(selection.prefix, keys)  # negative exactly where key > threshold
-    mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
-    mask |= sign_bit
-    if selection.quota:
-        ties = torch.nonzero((keys == selection.prefix).reshape(-1)).reshape(-1)[: selection.quota]
-        mask.reshape(-1)[ties] = -1
-    return mask
-
-
-def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """Boolean mask of the entries this piece keeps."""
-    return keep_bits(keys, selection) == -1
-
-
-def passes_for(bits: int) -> int:
-    return bits // DIGIT_BITS
+    if selection.keeps == "window" and selection.order == "desc" and selection.first is None:
+        last = selection.last
+        mask = torch.sub(last.prefix, keys)  # negative exactly where key > threshold
+        mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
+        mask |= sign_bit
+        quota = last.ordinal - last.offset + 1
+        if quota > 0:
+            mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
+        return mask
+    return torch.where(kept_mask(keys, selection), -1, sign_bit).to(keys.dtype)
