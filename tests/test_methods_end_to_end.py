@@ -20,7 +20,7 @@ import distmerge
 from helpers import (assert_bit_identical, bits, cli_command, kill_tree, load_checkpoint, read_index, run_mergekit,
                      shard_bytes, write_yaml)
 
-TINY_BUDGET = 24 * 1024  # splits every matrix of the test models into row ranges
+TINY_BUDGET = 64 * 1024  # splits every matrix of the test models into row ranges
 
 METHOD_PARAMETERS = {
     "breadcrumbs": ({"density": [0.3, 0.7], "gamma": 0.05}, {"rescale": False}),
@@ -77,7 +77,7 @@ def test_deterministic_methods_match_mergekit_split_and_whole(ray_local, model_f
         if budget:
             plan = distmerge.plan(config_path, memory_per_worker=budget)
             assert sum(1 for u in plan.units for p in u.pieces if p.meta.row_end - p.meta.row_start
-                       < p.meta.shape[0]) > 20
+                       < p.meta.shape[0]) > 60
         if method == "ramplus_tl":
             # mergekit writes float32 here (its float32 scale promotes the result); we write the
             # compute dtype: the same values, cast once
@@ -148,10 +148,10 @@ def test_killed_random_merge_resumes_with_its_recorded_seed_bit_identical(ray_lo
     """No seed given: the first run draws one and records it in the manifest; the re-run
     (also without a seed) resumes with it and ends byte-identical to a clean run."""
     paths = model_factory(torch.bfloat16)
-    cfg = _config("della", paths)
-    config_path = write_yaml(str(tmp_path / "della.yml"), cfg)
+    cfg = _config("dare_linear", paths)
+    config_path = write_yaml(str(tmp_path / "dare.yml"), cfg)
     out = tmp_path / "out"
-    command, env = cli_command("merge", config_path, str(out), "--num-workers", "1", "--memory-per-worker", "24KiB",
+    command, env = cli_command("merge", config_path, str(out), "--num-workers", "1", "--memory-per-worker", "64KiB",
                                "--no-progress")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -160,7 +160,7 @@ def test_killed_random_merge_resumes_with_its_recorded_seed_bit_identical(ray_lo
 
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if progress.exists() and len(progress.read_text().split()) >= 8:
+            if progress.exists() and len(progress.read_text().split()) >= 4:
                 break
             time.sleep(0.02)
     finally:
