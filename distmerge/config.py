@@ -229,6 +229,11 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
         if not isinstance(ref, str) or not ref:
             raise _fail(source, f"{key}.model", "is required: the model's directory")
         params = entry.get("parameters") or {}
+        unknown = [k for k in params if k not in specs] if isinstance(params, dict) else []
+        if unknown and not any(spec.per_model for spec in method.parameters):
+            raise _fail(source, f"{key}.parameters.{unknown[0]}",
+                        f"merge_method {name} takes no per-model parameters; its parameters "
+                        f"({', '.join(sorted(specs))}) go under the top-level 'parameters'")
         _check_keys(source, f"{key}.parameters", params, set(specs))
         is_base = method.uses_base and ref == base_ref
         for pkey, value in params.items():

@@ -106,7 +106,15 @@ def test_input_rules_are_checked_at_planning(tmp_path, paths, method, change, fr
         del cfg["base_model"]
     if change.get("models") == "base-only":
         cfg["models"] = [{"model": paths[0]}]
+    if method == "sce":
+        cfg["models"] = [{"model": m["model"]} for m in cfg["models"]]
     _expect(tmp_path, cfg, ConfigError, *fragments)
+
+
+def test_per_model_parameters_of_a_method_without_any(tmp_path, paths):
+    cfg = ties(paths, merge_method="ram")
+    _expect(tmp_path, cfg, ConfigError, "models[0].parameters.weight", "ram takes no per-model parameters",
+            "epsilon")
 
 
 def test_bad_random_seed(tmp_path, paths):
