@@ -15,6 +15,7 @@ in [0, 1).
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
-CHUNK = 1 << 22  # elements per block: bounds the uint64 temporaries to a few tens of MiB
+CHUNK = 1 << 15  # elements per block: the uint64 temporaries stay in the CPU caches
 
 
 def stream_key(seed: int, tensor: str, model: int) -> int:
@@ -30,27 +31,47 @@ def stream_key(seed: int, tensor: str, model: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _uniform_block(key: np.uint64, start: int, count: int) -> np.ndarray:
+def _bits53_block(key: np.uint64, start: int, x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """The top 53 bits of elements start .. start + len(x) - 1's numbers, into x (uint64)."""
     with np.errstate(over="ignore"):
-        x = np.arange(start + 1, start + 1 + count, dtype=np.uint64)
+        x[:] = np.arange(start + 1, start + 1 + len(x), dtype=np.uint64)
         x *= GOLDEN
         x += key
-        x ^= x >> np.uint64(30)
-        x *= MIX1
-        x ^= x >> np.uint64(27)
-        x *= MIX2
-        x ^= x >> np.uint64(31)
+        for shift, multiplier in ((30, MIX1), (27, MIX2)):
+            np.right_shift(x, np.uint64(shift), out=tmp)
+            x ^= tmp
+            x *= multiplier
+        np.right_shift(x, np.uint64(31), out=tmp)
+        x ^= tmp
     x >>= np.uint64(11)
-    return x.astype(np.float64) * (1.0 / (1 << 53))
+    return x
+
+
+def _blocks(seed: int, tensor: str, model: int, start: int, count: int):
+    """(offset, top-53-bit integers) blocks covering elements [start, start + count)."""
+    key = np.uint64(stream_key(seed, tensor, model))
+    x = np.empty(min(CHUNK, count), dtype=np.uint64)
+    tmp = np.empty_like(x)
+    for offset in range(0, count, CHUNK):
+        n = min(CHUNK, count - offset)
+        yield offset, _bits53_block(key, start + offset, x[:n], tmp[:n])
 
 
 def uniform(seed: int, tensor: str, model: int, start: int, count: int) -> torch.Tensor:
     """Uniform float64 numbers in [0, 1) for flat elements [start, start + count) of `tensor`."""
-    key = np.uint64(stream_key(seed, tensor, model))
     out = np.empty(count, dtype=np.float64)
-    for offset in range(0, count, CHUNK):
-        n = min(CHUNK, count - offset)
-        out[offset:offset + n] = _uniform_block(key, start + offset, n)
+    for offset, bits in _blocks(seed, tensor, model, start, count):
+        np.multiply(bits, 1.0 / (1 << 53), out=out[offset:offset + len(bits)])
+    return torch.from_numpy(out)
+
+
+def below(seed: int, tensor: str, model: int, start: int, count: int, probability: float) -> torch.Tensor:
+    """A boolean tensor: element i's uniform number < `probability` (the same test as
+    `uniform(...) < probability`, done on the integers: u < p exactly when bits < ceil(p * 2^53))."""
+    limit = np.uint64(min(1 << 53, max(0, math.ceil(probability * (1 << 53)))))
+    out = np.empty(count, dtype=np.bool_)
+    for offset, bits in _blocks(seed, tensor, model, start, count):
+        np.less(bits, limit, out=out[offset:offset + len(bits)])
     return torch.from_numpy(out)
 
 

@@ -107,8 +107,8 @@ class Random(Sparsifier):
         if density >= 1:
             return None
         meta = inputs.meta
-        draws = counter_rng.uniform(meta.seed, meta.tensor, model, meta.first_element, meta.numel)
-        return (draws < density).reshape(delta.shape)
+        return counter_rng.below(meta.seed, meta.tensor, model, meta.first_element, meta.numel,
+                                 density).reshape(delta.shape)
 
 
 class DellaMagprune(Sparsifier):
