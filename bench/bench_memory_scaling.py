@@ -302,12 +302,14 @@ def plan_table(runs: Sequence[Run], budget: int) -> str:
 
 
 def memory_table(runs: Sequence[Run]) -> str:
-    header = ["size (MiB)", "worker RSS", "worker PSS", "worker VmHWM", "writer RSS", "writer PSS", "driver RSS", "driver PSS",
+    header = ["size (MiB)", "worker RSS", "worker PSS", "worker VmHWM", "writer RSS", "writer PSS", "driver RSS",
+              "driver PSS",
               "ray other RSS", "ray other PSS", "tree RSS", "tree PSS"]
     rows = []
     for r in runs:
         rows.append([r.label] + [_mib(v) for v in (
-            r.peak("worker", "rss"), r.peak("worker", "pss"), r.reported_worker_peak, r.peak("writer", "rss"), r.peak("writer", "pss"),
+            r.peak("worker", "rss"), r.peak("worker", "pss"), r.reported_worker_peak, r.peak("writer", "rss"),
+            r.peak("writer", "pss"),
             r.peak("driver", "rss"), r.peak("driver", "pss"), r.summed("ray", "rss"), r.summed("ray", "pss"),
             r.peak_rss_sum, r.peak_pss_sum)])
     return format_table(header, rows)

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("merge", help="run a merge", description="Run the merge CONFIG describes and write it to OUT. If OUT holds an "
+    p = sub.add_parser("merge", help="run a merge",
+                       description="Run the merge CONFIG describes and write it to OUT. If OUT holds an "
                        "interrupted run of the same merge, it is resumed.")
     p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
     p.add_argument("out", metavar="OUT", help="output directory (or s3://bucket/prefix) for the merged checkpoint")

@@ -190,12 +190,12 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
             with open(source, encoding="utf-8") as f:
                 text = f.read()
         except OSError as err:
-            raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+            raise ConfigError(f"{source}: cannot read config ({err.strerror})") from err
         config_dir = os.path.dirname(os.path.abspath(source))
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+        raise ConfigError(f"{source}: not valid YAML ({err})") from err
     _check_keys(source, "", raw, TOP_LEVEL_KEYS)
 
     name = raw.get("merge_method")

@@ -16,9 +16,10 @@ import torch
 from distmerge.config import LAYER_INDEX, MergeConfig, resolve_parameters
 from distmerge.errors import ConfigError, InputError
 from distmerge.io.checkpoint import Checkpoint, open_checkpoint
+from distmerge.io.header import TensorInfo
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
 from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
-from distmerge.methods.base import PieceMeta, StatisticsPlan
+from distmerge.methods.base import PieceMeta, ResolvedParams, StatisticsPlan
 from distmerge.sizes import format_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -166,101 +167,142 @@ def _rows_per_piece(shape: Tuple[int, ...], bytes_per_element: float, budget: in
     return min(rows, fit)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: its inputs' headers (base first), dtypes and resolved parameters."""
+
+    name: str
+    infos: Tuple[TensorInfo, ...]
+    dtype: torch.dtype  # compute dtype
+    out_dtype: torch.dtype
+    params: ResolvedParams
+    shape: Tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
                memory_per_worker: Optional[int] = None, num_workers: int = 1, seed: int = 0) -> MergePlan:
     """Read every input's headers and build the complete plan, or raise a clear error.
 
-    `seed` feeds the counter-based generator of random methods (ignored by the others).
+    Stages: open the inputs' headers; check and describe every tensor; fix the output
+    layout; cut tensors into pieces within the budget; pack pieces into units; group the
+    pieces whose statistics are reduced together. `seed` feeds the counter-based
+    generator of random methods (ignored by the others).
     """
     budget = memory_per_worker or default_memory_per_worker(num_workers)
     checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
-    reference = checkpoints[0]
-    method = config.method
-    notes: List[str] = []
+    notes = _extra_tensor_notes(checkpoints)
+    specs = _tensor_specs(config, checkpoints)
+    layout = plan_layout([OutputTensor(s.name, TORCH_TO_SAFETENSORS[s.out_dtype], s.shape,
+                                       s.numel * s.out_dtype.itemsize) for s in specs], shard_size)
+    pieces = _cut_pieces(config, specs, checkpoints, layout, budget, seed)
+    units = _pack_units(pieces, budget)
+    groups = _reduction_groups(config, units)
+    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed)
 
+
+def _extra_tensor_notes(checkpoints: Sequence[Checkpoint]) -> List[str]:
+    reference = checkpoints[0]
+    notes = []
     for ckpt in checkpoints[1:]:
         extra = sorted(set(ckpt.tensors) - set(reference.tensors))
         if extra:
             notes.append(f"model {ckpt.ref!r} has {len(extra)} tensor(s) not in {reference.ref!r}, ignored "
                          f"(first: {extra[0]!r})")
+    return notes
 
+
+def _tensor_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]) -> List[TensorSpec]:
+    """Every output tensor, in natural order, checked across the inputs, with its parameters resolved."""
+    reference = checkpoints[0]
+    method = config.method
     layer_ids = {int(m.group(1)) for name in reference.tensors if (m := LAYER_INDEX.search(name))}
     num_layers = max(layer_ids) + 1 if layer_ids else 0
     names = sorted(reference.tensors, key=natural_key)
     if not names:
         raise InputError(f"model {reference.ref!r} ({reference.path}) holds no tensors")
-    n_models = len(config.models)
-
-    out_tensors = []
-    tensor_specs = []
+    specs = []
     for name in names:
-        infos = []
-        for ckpt in checkpoints:
-            info = ckpt.tensors.get(name)
-            if info is None:
-                raise InputError(f"model {ckpt.ref!r} ({ckpt.path}) has no tensor {name!r}, "
-                                 f"which {reference.ref!r} has; every input needs the same tensors")
-            if info.dtype not in SAFETENSORS_TO_TORCH:
-                raise InputError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; only floating-point "
-                                 "tensors (F16, BF16, F32, F64) can be merged")
-            if info.shape != reference.tensors[name].shape:
-                raise InputError(f"tensor {name!r} has shape {list(info.shape)} in {ckpt.ref!r} but "
-                                 f"{list(reference.tensors[name].shape)} in {reference.ref!r}")
-            infos.append(info)
+        infos = tuple(_tensor_info(ckpt, reference, name) for ckpt in checkpoints)
         dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
-        out_dtype = config.out_dtype or dtype
         params = resolve_parameters(config, name, num_layers)
         problem = method.check_config(params.shared) or method.check_tensor(params)
         if problem:
             raise ConfigError(f"{config.source}: parameters of {method.name} for tensor {name!r}: {problem}")
-        shape = infos[0].shape
-        numel = math.prod(shape)
-        out_tensors.append(OutputTensor(name, TORCH_TO_SAFETENSORS[out_dtype], shape,
-                                        numel * out_dtype.itemsize))
-        tensor_specs.append((name, infos, dtype, out_dtype, params, shape))
-
-    layout = plan_layout(out_tensors, shard_size)
-    scopes = {method.reduction_scope(spec[4].shared) for spec in tensor_specs}
+        specs.append(TensorSpec(name, infos, dtype, config.out_dtype or dtype, params, infos[0].shape))
+    scopes = {method.reduction_scope(spec.params.shared) for spec in specs}
     if len(scopes) > 1:
         raise ConfigError(f"{config.source}: parameters: the reduction scope (density_scope) must be the same "
                           "for every tensor; set it once, without a gradient or filters")
-    scope = scopes.pop()
+    return specs
 
+
+def _tensor_info(ckpt: Checkpoint, reference: Checkpoint, name: str) -> TensorInfo:
+    info = ckpt.tensors.get(name)
+    if info is None:
+        raise InputError(f"model {ckpt.ref!r} ({ckpt.path}) has no tensor {name!r}, "
+                         f"which {reference.ref!r} has; every input needs the same tensors")
+    if info.dtype not in SAFETENSORS_TO_TORCH:
+        raise InputError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; only floating-point "
+                         "tensors (F16, BF16, F32, F64) can be merged")
+    if info.shape != reference.tensors[name].shape:
+        raise InputError(f"tensor {name!r} has shape {list(info.shape)} in {ckpt.ref!r} but "
+                         f"{list(reference.tensors[name].shape)} in {reference.ref!r}")
+    return info
+
+
+def _rows_per_step(config: MergeConfig, spec: TensorSpec, per_element: float, budget: int, seed: int) -> int:
+    """Rows per piece under the method's split policy; a tensor it needs whole must fit the budget."""
+    method = config.method
+    rows = spec.shape[0] if spec.shape else 1
+    if method.splittable(PieceMeta(spec.name, spec.shape, 0, rows, spec.dtype, spec.params, seed)):
+        return _rows_per_piece(spec.shape, per_element, budget)
+    if spec.numel * per_element > budget:
+        raise ConfigError(
+            f"tensor {spec.name!r} ({spec.numel} elements) must be merged whole by {method.name}, which needs "
+            f"about {format_bytes(int(spec.numel * per_element))} of working memory for it; raise "
+            f"--memory-per-worker to at least that (now {format_bytes(budget)})")
+    return rows
+
+
+def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: Sequence[Checkpoint],
+                layout: OutputLayout, budget: int, seed: int) -> List[Piece]:
+    """Row ranges of every tensor (in natural order) with their input byte ranges and output offsets."""
+    method = config.method
+    per_model_scope = method.reduction_scope(specs[0].params.shared) == "model"
     pieces: List[Piece] = []
-    for name, infos, dtype, out_dtype, params, shape in sorted(tensor_specs, key=lambda s: natural_key(s[0])):
-        per_element = (method.working_set_factor(n_models) * dtype.itemsize
-                       + sum(i.nbytes for i in infos) / max(1, math.prod(shape)) + out_dtype.itemsize)
+    for spec in specs:
+        shape = spec.shape
+        per_element = (method.working_set_factor(len(config.models)) * spec.dtype.itemsize
+                       + sum(i.nbytes for i in spec.infos) / max(1, spec.numel) + spec.out_dtype.itemsize)
         rows_total = shape[0] if shape else 1
-        whole = PieceMeta(name, shape, 0, rows_total, dtype, params, seed)
-        if method.splittable(whole):
-            step = _rows_per_piece(shape, per_element, budget)
-        else:
-            step = rows_total
-            if numel * per_element > budget:
-                raise ConfigError(
-                    f"tensor {name!r} ({numel} elements) must be merged whole by {method.name}, which needs "
-                    f"about {format_bytes(int(numel * per_element))} of working memory for it; raise "
-                    f"--memory-per-worker to at least that (now {format_bytes(budget)})")
+        step = max(1, _rows_per_step(config, spec, per_element, budget, seed))
         row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
-        shard, offset = layout.locate(name)
-        for r0 in range(0, max(rows_total, 1), max(step, 1)):
+        shard, offset = layout.locate(spec.name)
+        for r0 in range(0, max(rows_total, 1), step):
             r1 = min(rows_total, r0 + step) if shape else 1
-            meta = PieceMeta(name, shape, r0, r1, dtype, params, seed)
             elems = (r1 - r0) * row_numel if shape else 1
             sources = tuple(
                 SourceRange(i.path, i.dtype,
                             i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
                             i.start + (r0 * row_numel + elems) * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
                             ckpt.versions.get(i.path, (0, ""))[1])
-                for i, ckpt in zip(infos, checkpoints))
+                for i, ckpt in zip(spec.infos, checkpoints))
             pieces.append(Piece(
-                meta=meta, sources=sources, group=name if scope == "tensor" else "<model>",
-                out_dtype=out_dtype, shard=shard,
-                out_offset=offset + r0 * row_numel * out_dtype.itemsize,
-                out_nbytes=elems * out_dtype.itemsize, memory=int(elems * per_element)))
-            if numel == 0:
+                meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed), sources=sources,
+                group="<model>" if per_model_scope else spec.name, out_dtype=spec.out_dtype, shard=shard,
+                out_offset=offset + r0 * row_numel * spec.out_dtype.itemsize,
+                out_nbytes=elems * spec.out_dtype.itemsize, memory=int(elems * per_element)))
+            if spec.numel == 0:
                 break
+    return pieces
 
+
+def _pack_units(pieces: Sequence[Piece], budget: int) -> List[WorkUnit]:
+    """Consecutive pieces packed into units of up to min(budget, PACK_TARGET) working memory."""
     units: List[WorkUnit] = []
     batch: List[Piece] = []
     batch_memory = 0
@@ -272,7 +314,11 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
         batch_memory += piece.memory
     if batch:
         units.append(WorkUnit(len(units), tuple(batch)))
+    return units
 
+
+def _reduction_groups(config: MergeConfig, units: Sequence[WorkUnit]) -> Dict[str, ReductionGroup]:
+    """Each group's pieces in tie order (tensor name, then row) and its statistics plan."""
     members: Dict[str, List[Tuple[int, int]]] = {}  # insertion order: natural tensor order
     for unit in units:
         for j, piece in enumerate(unit.pieces):
@@ -281,9 +327,8 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     for gid, refs in members.items():
         refs.sort(key=lambda r: (units[r[0]].pieces[r[1]].meta.tensor, units[r[0]].pieces[r[1]].meta.row_start))
         metas = [units[u].pieces[j].meta for u, j in refs]
-        groups[gid] = ReductionGroup(gid, tuple(refs), method.plan_statistics(metas))
-
-    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed)
+        groups[gid] = ReductionGroup(gid, tuple(refs), config.method.plan_statistics(metas))
+    return groups
 
 
 def format_plan(plan: MergePlan, units: bool = False) -> str:
@@ -313,7 +358,8 @@ def format_plan(plan: MergePlan, units: bool = False) -> str:
     for shard in plan.layout.shards:
         lines.append(f"  {shard.file_name}: {len(shard.tensors)} tensors, {format_bytes(shard.size)}")
     biggest = max(plan.units, key=lambda u: u.memory)
-    lines.append(f"largest unit: #{biggest.index} {biggest.describe()}, about {format_bytes(biggest.memory)} working memory")
+    lines.append(f"largest unit: #{biggest.index} {biggest.describe()}, "
+                 f"about {format_bytes(biggest.memory)} working memory")
     if split:
         lines.append(f"split tensors: {', '.join(split[:8])}{' ...' if len(split) > 8 else ''}")
     dtypes = sorted({TORCH_DTYPE_NAMES[p.meta.dtype] for u in plan.units for p in u.pieces})

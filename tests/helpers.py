@@ -39,7 +39,8 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
 
 def shard_bytes(path: str) -> Dict[str, bytes]:
     """Every output file that defines the checkpoint, as raw bytes."""
-    names = sorted(glob.glob(os.path.join(path, "*.safetensors"))) + [os.path.join(path, "model.safetensors.index.json")]
+    names = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    names.append(os.path.join(path, "model.safetensors.index.json"))
     return {os.path.basename(n): open(n, "rb").read() for n in names}
 
 

@@ -132,7 +132,8 @@ def test_bad_values(tmp_path, paths):
     _expect(tmp_path, ties(paths, dtype="bf17"), ConfigError, "dtype", "bf17")
     _expect(tmp_path, ties(paths, parameters={"sign_election": "majority"}), ConfigError,
             "parameters.sign_election", "weighted, unweighted")
-    _expect(tmp_path, ties(paths, parameters={"normalize": "yes"}), ConfigError, "parameters.normalize", "true or false")
+    _expect(tmp_path, ties(paths, parameters={"normalize": "yes"}), ConfigError, "parameters.normalize",
+            "true or false")
     _expect(tmp_path, ties(paths, slices=[]), ConfigError, "slices", "not supported")
 
 

@@ -370,7 +370,8 @@ def test_writer_that_cannot_start_fails_with_its_reason(ray_local, s3, s3_models
 
     s3.proxy.fault = deny_create
     try:
-        with pytest.raises(MergeFailed, match="writer actor could not start at s3://.*: PermissionError: no multipart uploads here$") as info:
+        refusal = "writer actor could not start at s3://.*: PermissionError: no multipart uploads here$"
+        with pytest.raises(MergeFailed, match=refusal) as info:
             distmerge.merge(_config(tmp_path, paths), f"s3://{bucket}/denied", storage_options=s3.options,
                             num_workers=2)
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from distmerge.engine.worker import LOCAL, WorkerStats, apply_unit, collect_unit, scan_unit
+from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, apply_unit, collect_unit, scan_unit
 from distmerge.errors import MergeFailed, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
@@ -143,7 +143,7 @@ class Driver:
         carries = []
         for j, piece in enumerate(unit.pieces):
             group = self.plan.groups[piece.group]
-            carries.append(reduced[piece.group][self.position[(unit.index, j)]] if group.distributed else LOCAL)
+            carries.append(reduced[piece.group][self.position[(unit.index, j)]] if group.distributed else WHOLE_GROUP)
         return carries
 
     def run_apply(self, reduced: Dict[str, List[Any]]) -> None:

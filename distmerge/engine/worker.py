@@ -25,7 +25,7 @@ from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, Phase, PieceInputs, run_in_memory
 from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
 
-LOCAL = "local"  # carry marker: this piece's reduction group is the piece itself
+WHOLE_GROUP = "whole group"  # carry marker: this piece is its whole reduction group: run every phase here
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.
 SUB_PIECE_ELEMENTS = 768 * 1024
 
@@ -138,7 +138,7 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
                threads: int = 1, allow_nonfinite: bool = False) -> Tuple[WorkerStats, np.ndarray]:
     """Merge every piece of `unit`; return stats and the output bytes (pieces in order).
 
-    A piece whose reduction group lies wholly in it (carry LOCAL) runs the whole
+    A piece whose reduction group lies wholly in it (carry WHOLE_GROUP) runs the whole
     protocol here, cut into cache-sized row ranges: every method gives the same bits
     for any split, and small ranges run several times faster than whole tensors.
     """
@@ -150,7 +150,7 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     for piece, carry in zip(unit.pieces, carries):
         inputs = _load(piece, method.uses_base, storage, allow_nonfinite)
         read += sum(s.nbytes for s in piece.sources)
-        if isinstance(carry, str) and carry == LOCAL:
+        if isinstance(carry, str) and carry == WHOLE_GROUP:
             results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
         else:
             results = [method.apply(inputs, carry)]

@@ -73,7 +73,8 @@ def parse_entries(header: dict, path: str, data_start: int, file_size: int) -> D
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in ELEMENT_SIZE:
             raise InputError(f"{where}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
             raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
@@ -81,9 +82,11 @@ def parse_entries(header: dict, path: str, data_start: int, file_size: int) -> D
         begin, end = offsets
         expected = math.prod(shape) * ELEMENT_SIZE[dtype]
         if not 0 <= begin <= end or data_start + end > file_size:
-            raise InputError(f"{where}: data_offsets {offsets} lie outside the file's data ({file_size - data_start} bytes)")
+            raise InputError(f"{where}: data_offsets {offsets} lie outside the file's data "
+                             f"({file_size - data_start} bytes)")
         if end - begin != expected:
-            raise InputError(f"{where}: data_offsets cover {end - begin} bytes but shape {shape} x {dtype} needs {expected}")
+            raise InputError(f"{where}: data_offsets cover {end - begin} bytes but shape {shape} x {dtype} "
+                             f"needs {expected}")
         tensors[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
     spans = sorted((t.start, t.end, t.name) for t in tensors.values() if t.end > t.start)
     for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):

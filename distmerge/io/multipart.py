@@ -11,9 +11,9 @@ Resume state lives under the output prefix: the in-progress uploads and their pa
 plus one empty marker object per uploaded part,
 `.distmerge-parts/<shard>/<part>-<hex of etag>-<sha256>`, written after the part's
 upload succeeded, and `.distmerge-parts/<shard>/complete-<hex of etag>` once S3 has
-completed the shard. A failed merge is cleaned up by `Destination.discard`. A part marker carries the part's SHA-256 (for the index
-checksums; S3 cannot return part bytes before completion) and its ETag ties it to the
-very part S3 holds. A part counts as done only when S3 lists it with a marker's ETag
+completed the shard. A failed merge is cleaned up by `Destination.discard`. A part
+marker carries the part's SHA-256 (for the index checksums; S3 cannot return part bytes
+before completion) and its ETag ties it to the very part S3 holds. A part counts as done only when S3 lists it with a marker's ETag
 and the expected size; everything else is uploaded again.
 """
 
@@ -160,7 +160,8 @@ def _read_markers(fs, url: str) -> Dict[str, _Markers]:
     return found
 
 
-def _completed_object(head: dict, shard_size: int, n_parts: int, markers: _Markers) -> Optional[Dict[int, Tuple[str, bytes]]]:
+def _completed_object(head: dict, shard_size: int, n_parts: int,
+                      markers: _Markers) -> Optional[Dict[int, Tuple[str, bytes]]]:
     """The parts of a completed shard object if it is the one our markers describe, else None.
 
     Every part must have markers that agree on its SHA-256 (a part uploaded twice holds the
