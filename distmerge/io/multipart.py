@@ -13,8 +13,9 @@ plus one empty marker object per uploaded part,
 upload succeeded, and `.distmerge-parts/<shard>/complete-<hex of etag>` once S3 has
 completed the shard. A failed merge is cleaned up by `Destination.discard`. A part
 marker carries the part's SHA-256 (for the index checksums; S3 cannot return part bytes
-before completion) and its ETag ties it to the very part S3 holds. A part counts as done only when S3 lists it with a marker's ETag
-and the expected size; everything else is uploaded again.
+before completion) and its ETag ties it to the very part S3 holds. A part counts as done
+only when S3 lists it with a marker's ETag and the expected size; everything else is
+uploaded again.
 """
 
 from __future__ import annotations
