@@ -75,26 +75,29 @@ def plan(config: Union[str, os.PathLike, MergeConfig], *, shard_size: Union[int,
     seeds random methods; without either, a fresh seed is drawn for them.
     """
     merge_config = _as_config(config, storage_options)
-    return plan_merge(
+    seed, drawn = _merge_seed(merge_config, random_seed)
+    merge_plan = plan_merge(
         merge_config,
         shard_size=parse_size(shard_size),
         memory_per_worker=parse_size(memory_per_worker) if memory_per_worker else None,
         num_workers=num_workers or default_num_workers(),
-        seed=_merge_seed(merge_config, random_seed),
+        seed=seed,
     )
+    return dataclasses.replace(merge_plan, seed_drawn=drawn)
 
 
-def _merge_seed(config: MergeConfig, given: Optional[int]) -> int:
-    """The seed random methods use: given, else the config's, else drawn (0 for other methods)."""
+def _merge_seed(config: MergeConfig, given: Optional[int]) -> Tuple[int, bool]:
+    """(The seed random methods use, whether it was drawn): given, else the config's, else
+    drawn; 0 for methods without randomness."""
     if not config.method.uses_random:
-        return 0
+        return 0, False
     if given is not None:
-        return given
+        return given, False
     if config.random_seed is not None:
-        return config.random_seed
+        return config.random_seed, False
     from distmerge.methods.counter_rng import draw_seed
 
-    return draw_seed()
+    return draw_seed(), True
 
 
 def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.PathLike], *,

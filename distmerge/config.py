@@ -109,6 +109,13 @@ def _check_scalar(source: str, key: str, spec: ParameterSpec, value: Any) -> Any
         if not isinstance(value, bool):
             raise _fail(source, key, f"must be true or false, got {value!r}")
     elif spec.type is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string; mergekit takes it as a number
+            try:
+                value = float(value)
+            except ValueError:
+                raise _fail(source, key, f"must be a number, got {value!r}") from None
+            if value != value:
+                raise _fail(source, key, "must be a number, got NaN")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(source, key, f"must be a number, got {value!r}")
         value = float(value)
@@ -124,28 +131,29 @@ def _check_scalar(source: str, key: str, spec: ParameterSpec, value: Any) -> Any
     return value
 
 
-def _check_setting(source: str, key: str, spec: ParameterSpec, value: Any) -> None:
-    """Validate a parameter setting in any of mergekit's forms."""
+def _check_setting(source: str, key: str, spec: ParameterSpec, value: Any) -> Any:
+    """Validate a parameter setting in any of mergekit's forms; return it with its values
+    normalized (numbers as floats, numeric strings such as '1e-5' as numbers)."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list):
         if not value:
             raise _fail(source, key, "must not be an empty list")
         if all(isinstance(v, dict) for v in value):
+            conditions = []
             for i, cond in enumerate(value):
                 _check_keys(source, f"{key}[{i}]", cond, {"filter", "value"})
                 if "value" not in cond:
                     raise _fail(source, f"{key}[{i}]", "a condition needs a 'value'")
                 if cond.get("filter") is not None and not isinstance(cond["filter"], str):
                     raise _fail(source, f"{key}[{i}].filter", "must be a string")
-                _check_setting(source, f"{key}[{i}].value", spec, cond["value"])
-            return
+                conditions.append({**cond, "value": _check_setting(source, f"{key}[{i}].value", spec,
+                                                                    cond["value"])})
+            return conditions
         if any(isinstance(v, (dict, list)) for v in value):
             raise _fail(source, key, "a list must hold either values (a gradient) or {filter, value} conditions")
-        for i, v in enumerate(value):
-            _check_scalar(source, f"{key}[{i}]", spec, v)
-        return
-    _check_scalar(source, key, spec, value)
+        return [_check_scalar(source, f"{key}[{i}]", spec, v) for i, v in enumerate(value)]
+    return _check_scalar(source, key, spec, value)
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
@@ -208,8 +216,8 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
 
     global_params = raw.get("parameters") or {}
     _check_keys(source, "parameters", global_params, set(specs))
-    for key, value in global_params.items():
-        _check_setting(source, f"parameters.{key}", specs[key], value)
+    global_params = {key: _check_setting(source, f"parameters.{key}", specs[key], value)
+                     for key, value in global_params.items()}
 
     models_raw = raw.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -236,13 +244,15 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                         f"({', '.join(sorted(specs))}) go under the top-level 'parameters'")
         _check_keys(source, f"{key}.parameters", params, set(specs))
         is_base = method.uses_base and ref == base_ref
+        checked = {}
         for pkey, value in params.items():
             if not specs[pkey].per_model:
                 raise _fail(source, f"{key}.parameters.{pkey}",
                             f"{pkey!r} is a global parameter of {name}; set it under the top-level 'parameters'")
             if is_base:
                 raise _fail(source, f"{key}.parameters.{pkey}", "the base model takes no parameters")
-            _check_setting(source, f"{key}.parameters.{pkey}", specs[pkey], value)
+            checked[pkey] = _check_setting(source, f"{key}.parameters.{pkey}", specs[pkey], value)
+        params = checked
         if ref in seen:
             raise _fail(source, f"{key}.model", f"{ref!r} is listed twice")
         seen.add(ref)
@@ -253,7 +263,7 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                 raise _fail(source, f"{key}.parameters.{spec.name}",
                             f"is required by {name} (set it for this model or under the top-level 'parameters')")
         models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params))
-    rule_problem = method.inputs.problems(name, method.uses_base and base_ref is not None, len(models))
+    rule_problem = method.inputs.problems(name, base_ref is not None, len(models))
     if rule_problem:
         raise _fail(source, *rule_problem)
 
@@ -310,8 +320,9 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
                 if value is None:
                     value = spec.default
             if value is REQUIRED_VALUE:
+                why = "no filter matched" if spec.name in config.parameters else "it is required"
                 raise ConfigError(f"{config.source}: parameters.{spec.name}: no value applies to tensor "
-                                  f"{tensor_name!r} (no filter matched)")
+                                  f"{tensor_name!r} ({why})")
             shared[spec.name] = float(value) if spec.type is float else value
             continue
         for i, model in enumerate(config.models):

@@ -118,6 +118,7 @@ class MergePlan:
     memory_per_worker: int
     notes: Tuple[str, ...] = field(default=())
     seed: int = 0  # the random seed every piece carries (random methods key on it)
+    seed_drawn: bool = False  # drawn for this plan, not given (a later merge draws its own)
 
     @property
     def tensor_count(self) -> int:
@@ -229,9 +230,14 @@ def _tensor_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]) -> Lis
         infos = tuple(_tensor_info(ckpt, reference, name) for ckpt in checkpoints)
         dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
         params = resolve_parameters(config, name, num_layers)
-        problem = method.check_config(params.shared) or method.check_tensor(params)
-        if problem:
-            raise ConfigError(f"{config.source}: parameters of {method.name} for tensor {name!r}: {problem}")
+        shared_problem = method.check_config(params.shared)
+        if shared_problem:
+            raise ConfigError(f"{config.source}: parameters: {shared_problem} (for tensor {name!r})")
+        tensor_problem = method.check_tensor(params)
+        if tensor_problem:
+            index, problem = tensor_problem
+            whose = "" if index is None else f" of model {config.models[index].ref!r}"
+            raise ConfigError(f"{config.source}: parameters{whose} ({method.name}) for tensor {name!r}: {problem}")
         specs.append(TensorSpec(name, infos, dtype, config.out_dtype or dtype, params, infos[0].shape))
     scopes = {method.reduction_scope(spec.params.shared) for spec in specs}
     if len(scopes) > 1:
@@ -348,7 +354,9 @@ def format_plan(plan: MergePlan, units: bool = False) -> str:
         lines.append(f"reduction groups across units: {dist} (each piece read once per phase, then to apply; "
                      f"at most {plan.statistics_passes} phase(s))")
     if cfg.method.uses_random:
-        lines.append(f"random seed: {plan.seed}")
+        lines.append(f"random seed: {plan.seed}" + (
+            " (drawn for this plan; a merge without --random-seed or random_seed draws its own)"
+            if plan.seed_drawn else ""))
     lines.append("inputs (bytes read):")
     for ckpt, nbytes in zip(plan.checkpoints, plan.read_bytes_by_input()):
         role = "base " if cfg.base is not None and ckpt is plan.checkpoints[0] else "model"

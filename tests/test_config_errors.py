@@ -91,7 +91,7 @@ def test_della_epsilon_outside_the_density_is_refused_naming_the_tensor(tmp_path
     cfg = ties(paths, merge_method="della")
     cfg["models"][1]["parameters"] = {"weight": 0.5, "density": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}],
                                       "epsilon": 0.2}
-    _expect(tmp_path, cfg, ConfigError, "della", "model.layers.0.mlp.down_proj.weight", "model #2",
+    _expect(tmp_path, cfg, ConfigError, "della", "model.layers.0.mlp.down_proj.weight", f"model {paths[2]!r}",
             "density 0.1 +/- epsilon 0.2 must lie inside (0, 1)", "lower epsilon below 0.1")
 
 
@@ -115,6 +115,18 @@ def test_per_model_parameters_of_a_method_without_any(tmp_path, paths):
     cfg = ties(paths, merge_method="ram")
     _expect(tmp_path, cfg, ConfigError, "models[0].parameters.weight", "ram takes no per-model parameters",
             "epsilon")
+
+
+def test_yaml_scientific_notation_is_a_number_as_in_mergekit(paths):
+    """PyYAML reads 1e-5 as a string; mergekit takes it as a number, and so do we."""
+    cfg = load_config(write_yaml(os.path.join(os.path.dirname(paths[0]), "sci.yml"), {
+        "merge_method": "ram", "base_model": paths[0], "models": [{"model": p} for p in paths[1:]],
+        "parameters": {"epsilon": "1e-5"}}))
+    assert cfg.parameters["epsilon"] == 1e-5
+    with pytest.raises(ConfigError, match="parameters.epsilon: must be a number, got 'tiny'"):
+        load_config(write_yaml(os.path.join(os.path.dirname(paths[0]), "sci.yml"), {
+            "merge_method": "ram", "base_model": paths[0], "models": [{"model": p} for p in paths[1:]],
+            "parameters": {"epsilon": "tiny"}}))
 
 
 def test_bad_random_seed(tmp_path, paths):

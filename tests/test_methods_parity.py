@@ -55,6 +55,10 @@ RANDOM_CASES = {
 
 
 def _models(dtype, rows=128, cols=96, seed=0):
+    return _models_of(dtype, rows, cols, seed)
+
+
+def _models_of(dtype, rows, cols, seed):
     """A base and three fine-tunes with heavy-tailed deltas, some rows untouched (zero deltas)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(rows, cols, generator=g).to(dtype)
@@ -104,6 +108,50 @@ def test_sce_is_near_mergekit(case, dtype):
         same = (_bits(ours) == _bits(theirs)).float().mean().item()
         assert same >= 0.99, f"{case}: {same:.4%} bit-identical"
         assert torch.allclose(ours.float(), theirs.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_sce_truncates_k_like_mergekit():
+    """mergekit's k = int(count_nonzero(var) * select_topk) is float32 arithmetic: 100 * 0.29 -> 29, not 28."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(10, 10, generator=g).to(torch.bfloat16)
+    models = [base + (0.05 * torch.randn(10, 10, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    theirs = merge_tensor("sce", base, models, {"select_topk": 0.29}, [{}, {}, {}])
+    params = _params("sce", [1.0] * 3, [1.0] * 3, select_topk=0.29)
+    for cuts in [(), (3, 7)]:
+        ours = _merge("sce", "t", base, models, params, cuts).reshape(base.shape)
+        assert torch.equal(_bits(ours), _bits(theirs))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_float64_merges_rank_magnitudes_as_mergekit_does(method):
+    """mergekit ranks |delta| cast to float32: float64 deltas that round alike are ties (lower index first)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.zeros(64, 8, dtype=torch.float64)
+    delta = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    delta[1::2] = delta[::2] * (1 + 2**-40)  # every odd row: the row above, larger by less than a float32 ulp
+    models = [base + delta]
+    per_model = [dict(weight=1.0, density=0.4985, gamma=0.1)]  # odd k: the threshold splits a pair
+    theirs = merge_tensor(method, base, models, {}, per_model)
+    params = _params(method, [1.0], [0.4985])
+    params = type(params)(params.shared, tuple({**p, **given} for p, given in zip(params.per_model, per_model)))
+    for cuts in [(), (9, 33)]:
+        ours = _merge(method, "t", base, models, params, cuts).reshape(base.shape)
+        assert torch.equal(_bits(ours), _bits(theirs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", ["ties-rescale-density-edges", "breadcrumbs-rescale"])
+def test_rescale_is_near_mergekit_on_larger_tensors(case, dtype, monkeypatch):
+    """mergekit's L1 norms are torch's float sums; ours are exact sums rounded once (the same for
+    any split). On bigger tensors the two scales can differ in their last bit, which moves the
+    affected model's kept entries by one rounding (and, through the sign vote, a few more)."""
+    import test_methods_parity as here
+
+    monkeypatch.setattr(here, "_models", lambda d, rows=128, cols=96, seed=0: _models_of(d, 512, 512, seed))
+    _, ours, theirs = _run_both(case, EXACT_CASES, dtype, ())
+    same = (_bits(ours) == _bits(theirs)).float().mean().item()
+    assert same >= 0.9, f"{case}: {same:.4%} bit-identical"
+    assert torch.allclose(ours.double(), theirs.double(), rtol=0.02, atol=0.02)
 
 
 def _profile(base, merged):

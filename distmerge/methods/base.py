@@ -63,12 +63,15 @@ class InputRules:
     min_models: int = 1
     max_models: Optional[int] = None
 
-    def problems(self, method: str, has_base: bool, n_models: int) -> Optional[Tuple[str, str]]:
-        """(config key, what is wrong and how to fix it), or None when the inputs fit."""
-        if self.base == "required" and not has_base:
+    def problems(self, method: str, base_given: bool, n_models: int) -> Optional[Tuple[str, str]]:
+        """(config key, what is wrong and how to fix it), or None when the inputs fit.
+
+        `base_given`: the config names a base_model; `n_models`: the models other than the base."""
+        if self.base == "required" and not base_given:
             return "base_model", f"is required by merge_method {method}; name the model the others were tuned from"
-        if self.base == "forbidden" and has_base:
+        if self.base == "forbidden" and base_given:
             return "base_model", f"merge_method {method} takes no base model; remove base_model"
+        has_base = base_given and self.base == "required"
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             if self.max_models == self.min_models:
                 want = f"exactly {self.min_models}"
@@ -185,8 +188,9 @@ class MergeMethod(ABC):
         """Cross-parameter checks on the global parameters; return a problem or None."""
         return None
 
-    def check_tensor(self, params: ResolvedParams) -> Optional[str]:
-        """Checks on the values resolved for one tensor (after gradients and filters)."""
+    def check_tensor(self, params: ResolvedParams) -> Optional[Tuple[Optional[int], str]]:
+        """Checks on the values resolved for one tensor (after gradients and filters):
+        None, or (the index of the model whose values are wrong, or None; the problem)."""
         return None
 
     def splittable(self, meta: PieceMeta) -> bool:

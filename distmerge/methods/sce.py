@@ -115,7 +115,8 @@ class SceMerge(MergeMethod):
         if phase.index == 0:
             nonzero = sum(p["nonzero"] for p in partials)
             total = sum(m.numel for m in metas)
-            k = int(nonzero * carries[0].density)
+            # mergekit multiplies an int64 tensor by the density: float32 arithmetic, truncated
+            k = int(torch.tensor(nonzero, dtype=torch.int64) * carries[0].density)
             # the first pass's histograms (prefix 0) do not depend on k
             selections = [topk.top_k(selections[0].bits, total, k)] * len(carries)
         new = topk.reduce_pass(phase.index, selections, [p["histograms"] for p in partials])

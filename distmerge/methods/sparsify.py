@@ -107,8 +107,10 @@ class Random(Sparsifier):
         if density >= 1:
             return None
         meta = inputs.meta
+        # mergekit's keep probability is the density held in the work dtype (bf16: 0.3 -> 0.30078125)
+        probability = float(torch.tensor(density, dtype=delta.dtype))
         return counter_rng.below(meta.seed, meta.tensor, model, meta.first_element, meta.numel,
-                                 density).reshape(delta.shape)
+                                 probability).reshape(delta.shape)
 
 
 class DellaMagprune(Sparsifier):
@@ -143,18 +145,26 @@ class DellaMagprune(Sparsifier):
             return torch.zeros(delta.shape, dtype=torch.bool)
         epsilon = values["epsilon"]
         rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
-        keys = topk.magnitude_keys(rows)
-        order = torch.argsort(keys, dim=1, stable=True)
-        ranks = torch.empty_like(order)
-        positions = torch.arange(rows.shape[1], dtype=order.dtype).reshape((1, -1) + (1,) * (rows.dim() - 2))
-        ranks.scatter_(1, order, positions.expand_as(order).contiguous())
-        del order, keys
-        span = max(1, rows.shape[1] - 1)
-        probability = (density - epsilon) + ranks.to(torch.float64) * (2 * epsilon / span)
-        del ranks
+        probability = self._probabilities(rows, density, epsilon)
         meta = inputs.meta
         draws = counter_rng.uniform(meta.seed, meta.tensor, model, meta.first_element, meta.numel)
         return (draws.reshape(probability.shape) < probability).reshape(delta.shape)
+
+    @staticmethod
+    def _probabilities(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+        """Each entry's keep probability, computed as mergekit does, in the work dtype of `rows`
+        (so bf16 ranks round as they do there); ranks are 1-based, stable along dim 1.
+        A row of one entry (mergekit fails on it: 0/0) keeps it with probability density - epsilon."""
+        order = torch.argsort(topk.magnitude_keys(rows), dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        positions = torch.arange(rows.shape[1], dtype=order.dtype).reshape((1, -1) + (1,) * (rows.dim() - 2))
+        ranks.scatter_(1, order, positions.expand_as(order).contiguous())
+        del order
+        ranks = ranks.to(rows.dtype) + 1
+        lowest, highest = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        span = highest - lowest
+        rank_norm = ((ranks - lowest) / torch.where(span == 0, 1, span)).clamp(0, 1)
+        return ((density - epsilon) + rank_norm * 2 * epsilon).double()
 
 
 SPARSIFIERS = {s.kind: s for s in (Magnitude(), MagnitudeOutliers(), Random(), DellaMagprune())}

@@ -19,7 +19,7 @@ Statistics phases (run only for what a tensor needs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -89,13 +89,13 @@ class TaskVectorMerge(MergeMethod):
             return "rescale is not supported with density_scope: model"
         return None
 
-    def check_tensor(self, params: ResolvedParams) -> Optional[str]:
+    def check_tensor(self, params: ResolvedParams) -> Optional[Tuple[Optional[int], str]]:
         if self.sparsifier is None:
             return None
         for i, values in enumerate(params.per_model):
             problem = self.sparsifier.check(values)
             if problem:
-                return f"model #{i + 1}: {problem}"
+                return i, problem
         return None
 
     def splittable(self, meta: PieceMeta) -> bool:
@@ -108,6 +108,15 @@ class TaskVectorMerge(MergeMethod):
         # inputs (n+1), deltas, stacked weighted deltas, masked product, keys, result.
         extra = self.sparsifier.extra_working_set if self.sparsifier else 0.0
         return (4.0 * n_models + 4.0 if self.consensus else 2.0 * n_models + 3.0) + extra
+
+    @staticmethod
+    def _rank_bits(dtypes: Set[torch.dtype]) -> int:
+        """Key width for ranking magnitudes. mergekit ranks |delta| cast to float32 on the CPU,
+        which is exact for 16-bit floats and makes float64 ones that round alike ties. A
+        model-wide group (density_scope: model) with several dtypes ranks in the widest."""
+        if len(dtypes) == 1:
+            return min(32, topk.key_bits(next(iter(dtypes))))
+        return 64 if torch.float64 in dtypes else 32
 
     def _sparsifying(self, params: ResolvedParams) -> List[bool]:
         if self.sparsifier is None:
@@ -122,10 +131,7 @@ class TaskVectorMerge(MergeMethod):
         phases: List[Phase] = []
         selections: List[Optional[topk.Selection]] = [None] * len(sparsifying)
         if self.sparsifier is not None and self.sparsifier.ranked:
-            dtypes = {m.dtype for m in metas}
-            key_dtype = dtypes.pop() if len(dtypes) == 1 else (
-                torch.float64 if torch.float64 in dtypes else torch.float32)
-            bits = topk.key_bits(key_dtype)
+            bits = self._rank_bits({m.dtype for m in metas})
             total = sum(m.numel for m in metas)
             selections = [self.sparsifier.selection(bits, total, values) if sparse else None
                           for sparse, values in zip(sparsifying, first.params.per_model)]
