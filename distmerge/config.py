@@ -243,7 +243,7 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                         f"merge_method {name} takes no per-model parameters; its parameters "
                         f"({', '.join(sorted(specs))}) go under the top-level 'parameters'")
         _check_keys(source, f"{key}.parameters", params, set(specs))
-        is_base = method.uses_base and ref == base_ref
+        is_base = method.inputs.takes_base(base_ref is not None) and ref == base_ref
         checked = {}
         for pkey, value in params.items():
             if not specs[pkey].per_model:
@@ -291,7 +291,8 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     seed = raw.get("random_seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise _fail(source, "random_seed", f"must be a whole number from 0 to 2**63 - 1, got {seed!r}")
-    base = ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}) if method.uses_base else None
+    base = (ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {})
+            if method.inputs.takes_base(base_ref is not None) else None)
     return MergeConfig(
         method=method,
         base=base,
@@ -323,7 +324,7 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
                 why = "no filter matched" if spec.name in config.parameters else "it is required"
                 raise ConfigError(f"{config.source}: parameters.{spec.name}: no value applies to tensor "
                                   f"{tensor_name!r} ({why})")
-            shared[spec.name] = float(value) if spec.type is float else value
+            shared[spec.name] = float(value) if spec.type is float and value is not None else value
             continue
         for i, model in enumerate(config.models):
             value = None
@@ -338,7 +339,7 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
                         f"{config.source}: models[{i}] ({model.ref}): no value of {spec.name!r} "
                         f"applies to tensor {tensor_name!r} (no filter matched)")
                 value = spec.default
-            per_model[i][spec.name] = float(value) if spec.type is float else value
+            per_model[i][spec.name] = float(value) if spec.type is float and value is not None else value
             if spec.check is not None and spec.check(per_model[i][spec.name]):
                 raise ConfigError(
                     f"{config.source}: models[{i}] ({model.ref}): {spec.name} for tensor {tensor_name!r} "

@@ -58,13 +58,14 @@ class SourceRange:
 @dataclass(frozen=True)
 class Piece:
     meta: PieceMeta
-    sources: Tuple[SourceRange, ...]  # base first (if the method uses one), then models
+    sources: Tuple[SourceRange, ...]  # base first (if the merge has one), then models
     group: str  # reduction group id
     out_dtype: torch.dtype
     shard: int
     out_offset: int  # absolute file offset of this piece's first output byte
     out_nbytes: int
     memory: int  # estimated peak working bytes
+    with_base: bool = True  # sources[0] is the base model, apart from the models merged
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,8 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
                 meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed), sources=sources,
                 group="<model>" if per_model_scope else spec.name, out_dtype=spec.out_dtype, shard=shard,
                 out_offset=offset + r0 * row_numel * spec.out_dtype.itemsize,
-                out_nbytes=elems * spec.out_dtype.itemsize, memory=int(elems * per_element)))
+                out_nbytes=elems * spec.out_dtype.itemsize, memory=int(elems * per_element),
+                with_base=config.base is not None))
             if spec.numel == 0:
                 break
     return pieces

@@ -33,8 +33,10 @@ def _params(method, weights, densities, **shared):
     return ResolvedParams(values, tuple(per_model))
 
 
-def _pieces(name, base, models, params, cuts, uses_base=True, seed=0):
+def _pieces(name, base, models, params, cuts, uses_base=True, seed=0, method=None):
     rows = base.shape[0]
+    if method is not None and not method.splittable(PieceMeta(name, tuple(base.shape), 0, rows, base.dtype, params)):
+        cuts = ()  # the method's split policy keeps this tensor whole, as the planner does
     bounds = [0] + sorted(set(c for c in cuts if 0 < c < rows)) + [rows]
     pieces = []
     for r0, r1 in zip(bounds, bounds[1:]):
@@ -46,9 +48,12 @@ def _pieces(name, base, models, params, cuts, uses_base=True, seed=0):
     return pieces
 
 
-def _merge(method, name, base, models, params, cuts=(), seed=0):
+def _merge(method, name, base, models, params, cuts=(), seed=0, with_base=None):
+    """Run `method` in memory over row ranges cut at `cuts`. Without a base (`with_base`
+    false; default: whether the method requires one) the base tensor is the first model."""
     m = METHODS[method]
-    outs = run_in_memory(m, _pieces(name, base, models, params, cuts, m.uses_base, seed))
+    with_base = m.uses_base if with_base is None else with_base
+    outs = run_in_memory(m, _pieces(name, base, models, params, cuts, with_base, seed, m))
     return torch.cat([o.reshape(-1) for o in outs])
 
 

@@ -73,22 +73,24 @@ class Driver:
     def run_statistics(self) -> Dict[str, List[Any]]:
         """Run the phases of every group that spans several pieces; return final carries.
 
-        Round r runs the r-th phase of every group that has one, so all groups share
-        the rounds' reads and tasks; the engine never looks inside a phase."""
+        Each round runs the next phase of every group that has one (the method says which,
+        from what was reduced so far), so all groups share the rounds' reads and tasks;
+        the engine never looks inside a phase."""
         method = get_method(self.plan.config.method.name)
         groups = {gid: g for gid, g in self.plan.groups.items() if g.distributed}
         carries = {gid: list(g.statistics.carries) for gid, g in groups.items()}
-        for round_index in range(self.plan.statistics_passes):
-            active = {gid for gid, g in groups.items() if g.statistics.passes > round_index}
-            phases = {gid: groups[gid].statistics.phases[round_index] for gid in active}
+        done = {gid: 0 for gid in groups}
+        phases = {gid: phase for gid, g in groups.items()
+                  if (phase := method.next_phase(g.statistics, 0, carries[gid])) is not None}
+        while phases:
             by_unit: Dict[int, List[Any]] = {}  # per piece: (phase, carry), or None
             slot: Dict[tuple, tuple] = {}
-            for gid in active:
+            for gid, phase in phases.items():
                 for position, (u, j) in enumerate(groups[gid].pieces):
                     by_unit.setdefault(u, [None] * len(self.plan.units[u].pieces))[j] = (
-                        phases[gid], carries[gid][position])
+                        phase, carries[gid][position])
                     slot[(u, j)] = (gid, position)
-            partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in active}
+            partials: Dict[str, List[Any]] = {gid: [None] * len(groups[gid].pieces) for gid in phases}
             jobs = [(u, work) for u, work in by_unit.items()]
             for u, (unit_partials, stats) in self._completed(jobs):
                 self.stats.add(stats)
@@ -96,9 +98,15 @@ class Driver:
                     if (u, j) in slot:
                         gid, position = slot[(u, j)]
                         partials[gid][position] = partial
-            for gid in active:
+            following = {}
+            for gid, phase in phases.items():
                 metas = [self.plan.units[u].pieces[j].meta for u, j in groups[gid].pieces]
-                carries[gid] = method.reduce(phases[gid], metas, partials[gid], carries[gid])
+                carries[gid] = method.reduce(phase, metas, partials[gid], carries[gid])
+                done[gid] += 1
+                next_phase = method.next_phase(groups[gid].statistics, done[gid], carries[gid])
+                if next_phase is not None:
+                    following[gid] = next_phase
+            phases = following
         return carries
 
     def _completed(self, jobs: List[tuple]):

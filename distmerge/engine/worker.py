@@ -70,10 +70,10 @@ def _source_tensors(piece: Piece, storage: Storage, allow_nonfinite: bool = Fals
     return tensors
 
 
-def _load(piece: Piece, uses_base: bool, storage: Storage, allow_nonfinite: bool = False) -> PieceInputs:
+def _load(piece: Piece, storage: Storage, allow_nonfinite: bool = False) -> PieceInputs:
     """The piece's inputs in the compute dtype, as the method takes them."""
     tensors = [t.to(piece.meta.dtype) for t in _source_tensors(piece, storage, allow_nonfinite)]
-    if uses_base:
+    if piece.with_base:
         return PieceInputs(piece.meta, tensors[0], tuple(tensors[1:]))
     return PieceInputs(piece.meta, None, tuple(tensors))
 
@@ -104,7 +104,7 @@ def collect_unit(unit: WorkUnit, method_name: str, work: Sequence[Optional[Tuple
             partials.append(None)
             continue
         phase, carry = task
-        inputs = _load(piece, method.uses_base, storage, allow_nonfinite)
+        inputs = _load(piece, storage, allow_nonfinite)
         read += sum(s.nbytes for s in piece.sources)
         partials.append(method.collect(phase, inputs, carry))
         del inputs
@@ -148,7 +148,7 @@ def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     position = 0
     read = 0
     for piece, carry in zip(unit.pieces, carries):
-        inputs = _load(piece, method.uses_base, storage, allow_nonfinite)
+        inputs = _load(piece, storage, allow_nonfinite)
         read += sum(s.nbytes for s in piece.sources)
         if isinstance(carry, str) and carry == WHOLE_GROUP:
             results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))

@@ -55,13 +55,18 @@ class ParameterSpec:
 class InputRules:
     """What inputs a method accepts: mergekit's input contract, checked at planning.
 
-    `base`: "required", "ignored" (a base_model in the config is not an input unless it is
-    also listed under models) or "forbidden". Counts are of the models other than the base.
+    `base`: "required", "optional" (used when the config names one), "ignored" (a
+    base_model in the config is not an input unless it is also listed under models) or
+    "forbidden". Counts are of the models other than the base.
     """
 
     base: str = "required"
     min_models: int = 1
     max_models: Optional[int] = None
+
+    def takes_base(self, base_given: bool) -> bool:
+        """Whether the base model is an input apart (pieces then carry a base tensor)."""
+        return base_given and self.base in ("required", "optional")
 
     def problems(self, method: str, base_given: bool, n_models: int) -> Optional[Tuple[str, str]]:
         """(config key, what is wrong and how to fix it), or None when the inputs fit.
@@ -71,7 +76,7 @@ class InputRules:
             return "base_model", f"is required by merge_method {method}; name the model the others were tuned from"
         if self.base == "forbidden" and base_given:
             return "base_model", f"merge_method {method} takes no base model; remove base_model"
-        has_base = base_given and self.base == "required"
+        has_base = self.takes_base(base_given)
         if n_models < self.min_models or (self.max_models is not None and n_models > self.max_models):
             if self.max_models == self.min_models:
                 want = f"exactly {self.min_models}"
@@ -143,14 +148,20 @@ class PieceInputs:
 @dataclass(frozen=True)
 class Phase:
     """One statistics phase: what the method computes (`step`, and which pass of a
-    multi-pass step), and the name `distmerge plan` shows. The engine treats it as opaque."""
+    multi-pass step), and the name `distmerge plan` shows. The engine treats it as opaque.
+
+    A phase with `repeats` stands for a step run up to `of` times, as often as the data
+    needs (an iteration to convergence); the method's `next_phase` decides."""
 
     step: str
     index: int = 0
     of: int = 1
+    repeats: bool = False
 
     @property
     def name(self) -> str:
+        if self.repeats:
+            return f"{self.step} (up to {self.of}x)"
         return self.step if self.of == 1 else f"{self.step} {self.index + 1}/{self.of}"
 
 
@@ -163,8 +174,8 @@ class StatisticsPlan:
 
     @property
     def passes(self) -> int:
-        """How many times each piece's inputs are read for statistics (one per phase)."""
-        return len(self.phases)
+        """At most how many times each piece's inputs are read for statistics (one per phase run)."""
+        return sum(p.of if p.repeats else 1 for p in self.phases)
 
 
 class MergeMethod(ABC):
@@ -178,7 +189,7 @@ class MergeMethod(ABC):
 
     @property
     def uses_base(self) -> bool:
-        """Whether pieces carry a base tensor (the base model is an input apart)."""
+        """Whether pieces always carry a base tensor (a base model is required)."""
         return self.inputs.base == "required"
 
     def parameter(self, name: str) -> Optional[ParameterSpec]:
@@ -212,6 +223,14 @@ class MergeMethod(ABC):
         """
         return StatisticsPlan((), [None] * len(metas))
 
+    def next_phase(self, plan: StatisticsPlan, done: int, carries: Sequence[Any]) -> Optional[Phase]:
+        """The phase to run after `done` phases, seeing what was reduced so far (None: apply).
+
+        By default the plan's phases in order; a method whose number of rounds depends on
+        the data (a `repeats` phase) decides here, from `carries` (the same for every piece's
+        decision, since reductions are exact)."""
+        return plan.phases[done] if done < len(plan.phases) else None
+
     def collect(self, phase: Phase, inputs: PieceInputs, carry: Any) -> Any:
         """One piece's partial statistics for `phase` (small: histograms, counts, sums)."""
         raise NotImplementedError
@@ -231,7 +250,9 @@ def run_in_memory(method: MergeMethod, pieces: Sequence[PieceInputs]) -> List[to
     metas = [p.meta for p in pieces]
     stats = method.plan_statistics(metas)
     carries = stats.carries
-    for phase in stats.phases:
+    done = 0
+    while (phase := method.next_phase(stats, done, carries)) is not None:
         partials = [method.collect(phase, p, c) for p, c in zip(pieces, carries)]
         carries = method.reduce(phase, metas, partials, carries)
+        done += 1
     return [method.apply(p, c) for p, c in zip(pieces, carries)]

@@ -9,7 +9,7 @@ the end. So the result does not depend on how a tensor is split, unlike a float 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -51,3 +51,17 @@ def value(parts: Dict[int, int], dtype: torch.dtype) -> Fraction:
     mbits = MANTISSA_BITS[dtype]
     bias = (1 << (torch.finfo(dtype).bits - 2 - mbits)) - 1
     return sum((Fraction(v) * Fraction(2) ** (max(e, 1) - bias - mbits) for e, v in parts.items()), Fraction(0))
+
+
+def signed_sum_parts(x: torch.Tensor) -> Tuple[Dict[int, int], Dict[int, int]]:
+    """Exact parts of the sum of x: (parts of its positive entries, parts of its negative ones)."""
+    return abs_sum_parts(torch.clamp(x, min=0)), abs_sum_parts(torch.clamp(x, max=0))
+
+
+def add_signed(items: Sequence[Tuple[Dict[int, int], Dict[int, int]]]) -> Tuple[Dict[int, int], Dict[int, int]]:
+    return add_parts([p for p, _ in items]), add_parts([n for _, n in items])
+
+
+def signed_value(parts: Tuple[Dict[int, int], Dict[int, int]], dtype: torch.dtype) -> Fraction:
+    """The exact (signed) sum that signed parts stand for."""
+    return value(parts[0], dtype) - value(parts[1], dtype)
