@@ -119,6 +119,9 @@ def _check_scalar(source: str, key: str, spec: ParameterSpec, value: Any) -> Any
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(source, key, f"must be a number, got {value!r}")
         value = float(value)
+    elif spec.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(source, key, f"must be a whole number, got {value!r}")
     elif spec.type is str:
         if not isinstance(value, str):
             raise _fail(source, key, f"must be a string, got {value!r}")

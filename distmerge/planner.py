@@ -265,7 +265,8 @@ def _rows_per_step(config: MergeConfig, spec: TensorSpec, per_element: float, bu
     """Rows per piece under the method's split policy; a tensor it needs whole must fit the budget."""
     method = config.method
     rows = spec.shape[0] if spec.shape else 1
-    if method.splittable(PieceMeta(spec.name, spec.shape, 0, rows, spec.dtype, spec.params, seed)):
+    if method.splittable(PieceMeta(spec.name, spec.shape, 0, rows, spec.dtype, spec.params, seed,
+                                  config.base is not None)):
         return _rows_per_piece(spec.shape, per_element, budget)
     if spec.numel * per_element > budget:
         raise ConfigError(
@@ -299,7 +300,8 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
                             ckpt.versions.get(i.path, (0, ""))[1])
                 for i, ckpt in zip(spec.infos, checkpoints))
             pieces.append(Piece(
-                meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed), sources=sources,
+                meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed, config.base is not None),
+                sources=sources,
                 group="<model>" if per_model_scope else spec.name, out_dtype=spec.out_dtype, shard=shard,
                 out_offset=offset + r0 * row_numel * spec.out_dtype.itemsize,
                 out_nbytes=elems * spec.out_dtype.itemsize, memory=int(elems * per_element),

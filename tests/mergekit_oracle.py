@@ -43,9 +43,11 @@ def merge_tensor(method: str, base: Optional[torch.Tensor], models: Sequence[tor
     from mergekit.merge_methods.base import ParameterScope, TensorGroup
 
     merge_method = registry.get(method)
-    tensors = ([base] if base is not None else []) + list(models)
-    ids = (["base"] if base is not None else []) + [f"m{i}" for i in range(len(models))]
-    group = TensorGroup.from_tensors(tensors, ids=ids, base_index=0 if base is not None else None, name=name)
+    # mergekit appends a base model that is not listed among the models after them
+    tensors = list(models) + ([base] if base is not None else [])
+    ids = [f"m{i}" for i in range(len(models))] + (["base"] if base is not None else [])
+    group = TensorGroup.from_tensors(tensors, ids=ids, base_index=len(models) if base is not None else None,
+                                     name=name)
     parameters: Dict[str, Any] = {}
     for spec in merge_method.spec.parameters:
         if spec.scope == ParameterScope.SHARED:

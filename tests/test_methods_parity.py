@@ -45,6 +45,7 @@ EXACT_CASES = {
     "nuslerp-rows-nobase": ({"nuslerp_flatten": False}, [dict(weight=0.3), dict(weight=0.9)]),
     "nuslerp-columns": ({"nuslerp_flatten": False, "nuslerp_row_wise": True}, [dict(weight=0.6), dict(weight=0.4)]),
     "multislerp-one": ({}, [dict(weight=0.5)]),
+    "arcee_fusion": ({}, [{}]),
 }
 NEAR_CASES = {
     "slerp": ({"t": 0.3}, [{}]),
@@ -53,6 +54,8 @@ NEAR_CASES = {
     "multislerp": ({}, [dict(weight=0.5), dict(weight=0.2), dict(weight=0.9)]),
     "multislerp-nobase": ({"normalize_weights": False}, [dict(weight=0.5), dict(weight=0.2), dict(weight=0.3)]),
     "model_stock": ({}, [{}, {}, {}]),
+    "karcher": ({}, [{}, {}, {}]),
+    "karcher-nobase": ({"max_iter": 3, "tol": 1e-4}, [{}, {}]),
     "sce": ({}, [{}, {}, {}]),
     "sce-select": ({"select_topk": 0.3}, [{}, {}, {}]),
     "sce-select-int8": ({"select_topk": 0.05, "int8_mask": True}, [{}, {}, {}]),

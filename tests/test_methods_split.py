@@ -40,7 +40,7 @@ def _pieces(name, base, models, params, cuts, uses_base=True, seed=0, method=Non
     bounds = [0] + sorted(set(c for c in cuts if 0 < c < rows)) + [rows]
     pieces = []
     for r0, r1 in zip(bounds, bounds[1:]):
-        meta = PieceMeta(name, tuple(base.shape), r0, r1, base.dtype, params, seed)
+        meta = PieceMeta(name, tuple(base.shape), r0, r1, base.dtype, params, seed, uses_base)
         if uses_base:
             pieces.append(PieceInputs(meta, base[r0:r1], tuple(m[r0:r1] for m in models)))
         else:
@@ -83,21 +83,33 @@ def merge_case(draw):
     return dtype, base, models, weights, densities, cuts, shared
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+REQUIRED_SHARED = {"t": 0.3}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=merge_case(), method=st.sampled_from(sorted(METHODS)), rescale=st.booleans(),
-       seed=st.integers(0, 2**63 - 1))
-def test_split_equals_whole(case, method, rescale, seed):
-    """Every method, any cut into row ranges: the same bits (random methods for one seed)."""
+       seed=st.integers(0, 2**63 - 1), with_base=st.booleans())
+def test_split_equals_whole(case, method, rescale, seed, with_base):
+    """Every method, any cut into row ranges its split policy allows: the same bits (random
+    methods for one seed)."""
     dtype, base, models, weights, densities, cuts, shared = case
     spec = METHODS[method]
-    if method == "linear":  # no base: the base tensor is one more model
+    rules = spec.inputs
+    with_base = rules.base == "required" or (with_base and rules.base == "optional")
+    if not with_base:  # no base: the base tensor is one more model
         models, weights, densities = [base] + models, weights[:1] + weights, densities[:1] + densities
-    shared = {k: v for k, v in dict(shared, rescale=rescale, select_topk=densities[0]).items() if spec.parameter(k)}
+    n = min(len(models), rules.max_models or len(models))
+    assume(n >= rules.min_models)
+    models, weights, densities = models[:n], weights[:n], densities[:n]
+    shared = dict(shared, rescale=rescale, select_topk=densities[0], **REQUIRED_SHARED)
+    shared = {k: v for k, v in shared.items() if spec.parameter(k) and not spec.parameter(k).per_model}
     if spec.parameter("epsilon") and spec.parameter("epsilon").per_model:
         densities = [min(max(d, 0.2), 0.8) for d in densities]  # della: density +/- 0.15 inside (0, 1)
     params = _params(method, weights, densities, **shared)
-    whole = _merge(method, "t", base, models, params, seed=seed)
-    split = _merge(method, "t", base, models, params, cuts, seed=seed)
+    first = base if with_base else models[0]
+    rest = models if with_base else models[1:]
+    whole = _merge(method, "t", first, rest, params, seed=seed, with_base=with_base)
+    split = _merge(method, "t", first, rest, params, cuts, seed=seed, with_base=with_base)
     assert torch.equal(_bits(whole), _bits(split))
 
 

@@ -111,6 +111,7 @@ class PieceMeta:
     dtype: torch.dtype  # compute dtype
     params: ResolvedParams
     seed: int = 0  # the merge's random seed (methods that draw random numbers key on it)
+    with_base: bool = True  # whether pieces carry a base tensor apart from the models
 
     @property
     def row_numel(self) -> int:

@@ -214,3 +214,28 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
             mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
         return mask
     return torch.where(kept_mask(keys, selection), -1, sign_bit).to(keys.dtype)
+
+
+_ORDER_INT = {16: (torch.int16, torch.int32, 0xFFFF), 32: (torch.int32, torch.int64, 0xFFFFFFFF)}
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative integer keys that order like the values of x (not their magnitudes), for
+    16- and 32-bit floats: negative values below positive ones. They are held in the next
+    wider integer type, so the digit passes above see them as unsigned."""
+    bits = key_bits(x.dtype)
+    narrow, wide, full = _ORDER_INT[bits]
+    raw = x.contiguous().view(narrow).to(wide) & full
+    sign = 1 << (bits - 1)
+    return torch.where(raw >= sign, full - raw, raw | sign)
+
+
+def value_of_order_key(key: int, dtype: torch.dtype) -> torch.Tensor:
+    """The float (a 0-d tensor of `dtype`) whose order key is `key`."""
+    bits = key_bits(dtype)
+    narrow, _, full = _ORDER_INT[bits]
+    sign = 1 << (bits - 1)
+    raw = key - sign if key >= sign else full - key
+    if raw >= sign:  # back to the signed integer the float's bits read as
+        raw -= 1 << bits
+    return torch.tensor([raw], dtype=narrow).view(dtype)[0]
