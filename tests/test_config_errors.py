@@ -99,6 +99,10 @@ def test_della_epsilon_outside_the_density_is_refused_naming_the_tensor(tmp_path
     ("ties", {"base_model": None}, ("base_model", "is required by merge_method ties")),
     ("sce", {"base_model": None}, ("base_model", "is required by merge_method sce")),
     ("dare_linear", {"models": "base-only"}, ("models", "needs at least 1 model(s) besides the base model, got 0")),
+    ("slerp", {}, ("models", "slerp needs exactly 1 model(s) besides the base model, got 3")),
+    ("model_stock", {"models": "one"}, ("models", "model_stock needs at least 2 model(s) besides the base model, got 1")),
+    ("nuslerp", {"base_model": None}, ("models", "nuslerp needs exactly 2 model(s), got 3")),
+    ("passthrough", {}, ("models", "passthrough needs exactly 1 model(s), got 3")),
 ])
 def test_input_rules_are_checked_at_planning(tmp_path, paths, method, change, fragments):
     cfg = ties(paths, merge_method=method)
@@ -106,8 +110,12 @@ def test_input_rules_are_checked_at_planning(tmp_path, paths, method, change, fr
         del cfg["base_model"]
     if change.get("models") == "base-only":
         cfg["models"] = [{"model": paths[0]}]
-    if method == "sce":
+    if change.get("models") == "one":
+        cfg["models"] = cfg["models"][:1]
+    if method in ("sce", "slerp", "model_stock", "passthrough"):
         cfg["models"] = [{"model": m["model"]} for m in cfg["models"]]
+    if method == "nuslerp":
+        cfg["models"] = [{"model": m["model"], "parameters": {"weight": 0.5}} for m in cfg["models"]]
     _expect(tmp_path, cfg, ConfigError, *fragments)
 
 
