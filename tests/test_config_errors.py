@@ -100,7 +100,8 @@ def test_della_epsilon_outside_the_density_is_refused_naming_the_tensor(tmp_path
     ("sce", {"base_model": None}, ("base_model", "is required by merge_method sce")),
     ("dare_linear", {"models": "base-only"}, ("models", "needs at least 1 model(s) besides the base model, got 0")),
     ("slerp", {}, ("models", "slerp needs exactly 1 model(s) besides the base model, got 3")),
-    ("model_stock", {"models": "one"}, ("models", "model_stock needs at least 2 model(s) besides the base model, got 1")),
+    ("model_stock", {"models": "one"},
+     ("models", "model_stock needs at least 2 model(s) besides the base model, got 1")),
     ("nuslerp", {"base_model": None}, ("models", "nuslerp needs exactly 2 model(s), got 3")),
     ("passthrough", {}, ("models", "passthrough needs exactly 1 model(s), got 3")),
 ])
