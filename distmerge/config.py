@@ -25,10 +25,11 @@ from distmerge.methods import METHODS, get_method
 from distmerge.methods.base import REQUIRED as REQUIRED_VALUE
 from distmerge.methods.base import MergeMethod, ParameterSpec, ResolvedParams
 
-TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "storage", "random_seed"}
+TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "storage", "random_seed"}
+SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 UNSUPPORTED_KEYS = {
-    "slices": "layer slices are not supported yet; list whole models under 'models'",
     "modules": "modules are not supported yet; list whole models under 'models'",
     "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
     "chat_template": "chat_template is not supported; the base model's template is copied",
@@ -45,10 +46,39 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """One source of an output slice: a model (with this source's parameters) and its layers."""
+
+    model: ModelEntry
+    layer_range: Tuple[int, int]
+
+    @property
+    def layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """mergekit's `slices[i]`: layers merged from its sources, stacked after the previous slices'."""
+
+    base: Optional[SliceSource]  # the source that is the base model, when the method takes one
+    models: Tuple[SliceSource, ...]  # the other sources, in config order
+    parameters: Mapping[str, Any]  # the slice's own settings (over the top-level ones)
+
+    @property
+    def layers(self) -> int:
+        return (self.base or self.models[0]).layers
+
+    @property
+    def sources(self) -> Tuple[SliceSource, ...]:
+        return ((self.base,) if self.base else ()) + self.models
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     method: MergeMethod
     base: Optional[ModelEntry]
-    models: Tuple[ModelEntry, ...]  # the inputs other than the base, in config order
+    models: Tuple[ModelEntry, ...]  # the inputs other than the base, in config order (models: configs)
     parameters: Mapping[str, Any]
     dtype: Optional[torch.dtype]
     out_dtype: Optional[torch.dtype]
@@ -56,10 +86,20 @@ class MergeConfig:
     source: str  # file name (or "<string>") for messages
     storage: Storage = LOCAL  # fsspec options for remote URLs (the config's `storage:` section)
     random_seed: Optional[int] = None  # seed of random methods (config `random_seed`, or --random-seed)
+    slices: Tuple[OutputSlice, ...] = ()  # a `slices:` layout (empty for a `models:` config)
 
     @property
     def inputs(self) -> Tuple[ModelEntry, ...]:
-        return ((self.base,) if self.base else ()) + self.models
+        """Every distinct input model: the base first (if any), then in order of appearance."""
+        if not self.slices:
+            return ((self.base,) if self.base else ()) + self.models
+        seen: Dict[str, ModelEntry] = {}
+        if self.base is not None:
+            seen[self.base.ref] = self.base
+        for output_slice in self.slices:
+            for src in output_slice.sources:
+                seen.setdefault(src.model.ref, ModelEntry(src.model.ref, src.model.path, {}))
+        return tuple(seen.values())
 
 
 def _fail(source: str, key: str, problem: str) -> ConfigError:
@@ -223,11 +263,17 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                      for key, value in global_params.items()}
 
     models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise _fail(source, "models", "is required: a list of {model: PATH, parameters: {...}}")
     base_ref = raw.get("base_model")
     if base_ref is not None and not isinstance(base_ref, str):
         raise _fail(source, "base_model", f"must be a path, got {base_ref!r}")
+    if raw.get("slices") is not None:
+        if models_raw is not None:
+            raise _fail(source, "slices", "a config lists either 'models' or 'slices', not both")
+        slices = _load_slices(source, raw["slices"], method, specs, global_params, base_ref, config_dir)
+        return _merge_config(raw, source, text, method, global_params, base_ref, config_dir, (), slices)
+    if not isinstance(models_raw, list) or not models_raw:
+        raise _fail(source, "models", "is required: a list of {model: PATH, parameters: {...}} "
+                                      "(or 'slices', for a layer layout)")
 
     models: List[ModelEntry] = []
     seen = set()
@@ -270,6 +316,13 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     if rule_problem:
         raise _fail(source, *rule_problem)
 
+    return _merge_config(raw, source, text, method, global_params, base_ref, config_dir, tuple(models), ())
+
+
+def _merge_config(raw: dict, source: str, text: str, method: MergeMethod, global_params: Dict[str, Any],
+                  base_ref: Optional[str], config_dir: str, models: Tuple[ModelEntry, ...],
+                  slices: Tuple[OutputSlice, ...]) -> MergeConfig:
+    """The checks common to both layouts, and the config itself."""
     shared = {s.name: global_params.get(s.name, s.default) for s in method.parameters if not s.per_model}
     if not any(isinstance(v, (list, dict)) for v in shared.values()):
         problem = method.check_config(shared)  # with gradients or filters: checked per tensor at planning
@@ -299,7 +352,7 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
     return MergeConfig(
         method=method,
         base=base,
-        models=tuple(models),
+        models=models,
         parameters=global_params,
         dtype=_parse_dtype(source, "dtype", raw.get("dtype")),
         out_dtype=_parse_dtype(source, "out_dtype", raw.get("out_dtype")),
@@ -307,44 +360,128 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
         source=source,
         storage=Storage(storage),
         random_seed=seed,
+        slices=slices,
     )
 
 
+def _load_slices(source: str, slices_raw: Any, method: MergeMethod, specs: Dict[str, ParameterSpec],
+                 global_params: Dict[str, Any], base_ref: Optional[str], config_dir: str) -> Tuple[OutputSlice, ...]:
+    """mergekit's `slices:` layout, checked: sources with layer ranges of one length per slice,
+    the base among a slice's sources when the method takes one, the input rules per slice."""
+    name = method.name
+    if not isinstance(slices_raw, list) or not slices_raw:
+        raise _fail(source, "slices", "must be a non-empty list of {sources: [{model, layer_range}, ...]}")
+    out = []
+    for s_i, raw_slice in enumerate(slices_raw):
+        where = f"slices[{s_i}]"
+        _check_keys(source, where, raw_slice, SLICE_KEYS)
+        if raw_slice.get("residual_weight") is not None:
+            raise _fail(source, f"{where}.residual_weight", "is not supported yet")
+        slice_params = raw_slice.get("parameters") or {}
+        _check_keys(source, f"{where}.parameters", slice_params, set(specs))
+        slice_params = {k: _check_setting(source, f"{where}.parameters.{k}", specs[k], v)
+                        for k, v in slice_params.items()}
+        slice_base = raw_slice.get("base_model", base_ref)
+        if slice_base is not None and not isinstance(slice_base, str):
+            raise _fail(source, f"{where}.base_model", f"must be a path, got {slice_base!r}")
+        sources_raw = raw_slice.get("sources")
+        if not isinstance(sources_raw, list) or not sources_raw:
+            raise _fail(source, f"{where}.sources", "is required: a list of {model: PATH, layer_range: [FIRST, END]}")
+        base_source, models = None, []
+        for j, raw_source in enumerate(sources_raw):
+            key = f"{where}.sources[{j}]"
+            _check_keys(source, key, raw_source, SOURCE_KEYS)
+            ref = raw_source.get("model")
+            if not isinstance(ref, str) or not ref:
+                raise _fail(source, f"{key}.model", "is required: the model's directory")
+            layer_range = raw_source.get("layer_range")
+            if (not isinstance(layer_range, list) or len(layer_range) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+                    or not 0 <= layer_range[0] < layer_range[1]):
+                raise _fail(source, f"{key}.layer_range", f"must be [FIRST, END] with 0 <= FIRST < END, "
+                                                          f"got {layer_range!r}")
+            params = raw_source.get("parameters") or {}
+            _check_keys(source, f"{key}.parameters", params, set(specs))
+            params = {k: _check_setting(source, f"{key}.parameters.{k}", specs[k], v) for k, v in params.items()}
+            entry = SliceSource(ModelEntry(ref, _resolve_path(ref, config_dir), params), tuple(layer_range))
+            if method.inputs.takes_base(slice_base is not None) and ref == slice_base:
+                base_source = entry
+                continue
+            for spec in method.parameters:
+                if (spec.per_model and spec.required and spec.name not in params and spec.name not in slice_params
+                        and spec.name not in global_params):
+                    raise _fail(source, f"{key}.parameters.{spec.name}", f"is required by {name}")
+            models.append(entry)
+        lengths = {e.layers for e in ([base_source] if base_source else []) + models}
+        if len(lengths) > 1:
+            raise _fail(source, f"{where}.sources", f"every source of a slice needs the same number of layers, "
+                                                    f"got {sorted(lengths)}")
+        if method.inputs.takes_base(slice_base is not None) and base_source is None:
+            raise _fail(source, f"{where}.sources", f"merge_method {name} takes the base model {slice_base!r}, "
+                                                    "which is not among this slice's sources; add it with its "
+                                                    "layer_range")
+        problem = method.inputs.problems(name, base_source is not None or (
+            slice_base is not None and method.inputs.base != "required"), len(models))
+        if problem:
+            raise _fail(source, where if problem[0] == "models" else f"{where}.base_model", problem[1])
+        out.append(OutputSlice(base_source, tuple(models), slice_params))
+    return tuple(out)
+
+
 def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -> ResolvedParams:
-    """The parameter values that apply to one tensor (filters and gradients evaluated)."""
+    """The parameter values that apply to one tensor of a `models:` merge (filters and
+    gradients evaluated; t from the tensor's layer)."""
     t = layer_position(tensor_name, num_layers)
+    return _resolve(config, tensor_name, t, (config.parameters,),
+                    [(m.ref, (m.parameters, config.parameters)) for m in config.models])
+
+
+def resolve_slice_parameters(config: MergeConfig, output_slice: OutputSlice, tensor_name: str,
+                             t: float) -> ResolvedParams:
+    """The values for one tensor of a slice, with mergekit's precedence: the source's own
+    settings, then the slice's, then the top-level ones; t runs over the slice's layers."""
+    shared_scopes = (output_slice.parameters, config.parameters)
+    return _resolve(config, tensor_name, t, shared_scopes,
+                    [(src.model.ref, (src.model.parameters,) + shared_scopes) for src in output_slice.models])
+
+
+def _resolve(config: MergeConfig, tensor_name: str, t: float, shared_scopes: Tuple[Mapping[str, Any], ...],
+             models: List[Tuple[str, Tuple[Mapping[str, Any], ...]]]) -> ResolvedParams:
     method = config.method
     shared: Dict[str, Any] = {}
-    per_model: List[Dict[str, Any]] = [{} for _ in config.models]
+    per_model: List[Dict[str, Any]] = [{} for _ in models]
     for spec in method.parameters:
         if not spec.per_model:
-            value = spec.default
-            if spec.name in config.parameters:
-                value = evaluate_setting(config.parameters[spec.name], tensor_name, t)
-                if value is None:
-                    value = spec.default
+            value = _first_value(spec, shared_scopes, tensor_name, t)
+            if value is None:
+                value = spec.default
             if value is REQUIRED_VALUE:
-                why = "no filter matched" if spec.name in config.parameters else "it is required"
+                why = "no filter matched" if any(spec.name in scope for scope in shared_scopes) else "it is required"
                 raise ConfigError(f"{config.source}: parameters.{spec.name}: no value applies to tensor "
                                   f"{tensor_name!r} ({why})")
             shared[spec.name] = float(value) if spec.type is float and value is not None else value
             continue
-        for i, model in enumerate(config.models):
-            value = None
-            for scope in (model.parameters, config.parameters):
-                if spec.name in scope:
-                    value = evaluate_setting(scope[spec.name], tensor_name, t)
-                    if value is not None:
-                        break
+        for i, (ref, scopes) in enumerate(models):
+            value = _first_value(spec, scopes, tensor_name, t)
             if value is None:
                 if spec.required:
                     raise ConfigError(
-                        f"{config.source}: models[{i}] ({model.ref}): no value of {spec.name!r} "
+                        f"{config.source}: model {ref!r}: no value of {spec.name!r} "
                         f"applies to tensor {tensor_name!r} (no filter matched)")
                 value = spec.default
             per_model[i][spec.name] = float(value) if spec.type is float and value is not None else value
             if spec.check is not None and spec.check(per_model[i][spec.name]):
                 raise ConfigError(
-                    f"{config.source}: models[{i}] ({model.ref}): {spec.name} for tensor {tensor_name!r} "
+                    f"{config.source}: model {ref!r}: {spec.name} for tensor {tensor_name!r} "
                     f"{spec.check(per_model[i][spec.name])}, got {value!r}")
     return ResolvedParams(shared, tuple(per_model))
+
+
+def _first_value(spec: ParameterSpec, scopes: Tuple[Mapping[str, Any], ...], tensor_name: str, t: float) -> Any:
+    """The first scope's value that applies to the tensor (None: none does)."""
+    for scope in scopes:
+        if spec.name in scope:
+            value = evaluate_setting(scope[spec.name], tensor_name, t)
+            if value is not None:
+                return value
+    return None

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import psutil
 import torch
 
-from distmerge.config import LAYER_INDEX, MergeConfig, resolve_parameters
+from distmerge.config import LAYER_INDEX, MergeConfig, OutputSlice, resolve_parameters, resolve_slice_parameters
 from distmerge.errors import ConfigError, InputError
 from distmerge.io.checkpoint import Checkpoint, open_checkpoint
 from distmerge.io.header import TensorInfo
@@ -49,6 +49,7 @@ class SourceRange:
     start: int
     end: int
     version: str = ""  # the file's ETag / mtime when planned
+    checkpoint: int = 0  # which input (index into MergePlan.checkpoints)
 
     @property
     def nbytes(self) -> int:
@@ -120,6 +121,8 @@ class MergePlan:
     notes: Tuple[str, ...] = field(default=())
     seed: int = 0  # the random seed every piece carries (random methods key on it)
     seed_drawn: bool = False  # drawn for this plan, not given (a later merge draws its own)
+    # a `slices:` layout: each output layer's (input index, layer index in that input)
+    layer_sources: Tuple[Tuple[int, int], ...] = ()
 
     @property
     def tensor_count(self) -> int:
@@ -132,8 +135,8 @@ class MergePlan:
             for piece in unit.pieces:
                 group = self.groups[piece.group]
                 reads = 1 + (group.statistics.passes if group.distributed else 0)
-                for i, src in enumerate(piece.sources):
-                    totals[i] += src.nbytes * reads
+                for src in piece.sources:
+                    totals[src.checkpoint] += src.nbytes * reads
         return totals
 
     @property
@@ -171,7 +174,8 @@ def _rows_per_piece(shape: Tuple[int, ...], bytes_per_element: float, budget: in
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One output tensor: its inputs' headers (base first), dtypes and resolved parameters."""
+    """One output tensor: its inputs' headers (base first, when it has one), which input
+    each comes from, dtypes and resolved parameters."""
 
     name: str
     infos: Tuple[TensorInfo, ...]
@@ -179,6 +183,8 @@ class TensorSpec:
     out_dtype: torch.dtype
     params: ResolvedParams
     shape: Tuple[int, ...]
+    checkpoints: Tuple[int, ...]  # index of each info's input in MergePlan.checkpoints
+    with_base: bool
 
     @property
     def numel(self) -> int:
@@ -196,14 +202,20 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     """
     budget = memory_per_worker or default_memory_per_worker(num_workers)
     checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
-    notes = _extra_tensor_notes(checkpoints)
-    specs = _tensor_specs(config, checkpoints)
+    layer_sources: Tuple[Tuple[int, int], ...] = ()
+    if config.slices:
+        notes: List[str] = []
+        specs, layer_sources = _sliced_specs(config, checkpoints)
+    else:
+        notes = _extra_tensor_notes(checkpoints)
+        specs = _tensor_specs(config, checkpoints)
     layout = plan_layout([OutputTensor(s.name, TORCH_TO_SAFETENSORS[s.out_dtype], s.shape,
                                        s.numel * s.out_dtype.itemsize) for s in specs], shard_size)
     pieces = _cut_pieces(config, specs, checkpoints, layout, budget, seed)
     units = _pack_units(pieces, budget)
     groups = _reduction_groups(config, units)
-    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed)
+    return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed,
+                     layer_sources=layer_sources)
 
 
 def _extra_tensor_notes(checkpoints: Sequence[Checkpoint]) -> List[str]:
@@ -227,24 +239,105 @@ def _tensor_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]) -> Lis
     if not names:
         raise InputError(f"model {reference.ref!r} ({reference.path}) holds no tensors")
     specs = []
+    model_refs = [m.ref for m in config.models]
     for name in names:
         infos = tuple(_tensor_info(ckpt, reference, name) for ckpt in checkpoints)
-        dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
         params = resolve_parameters(config, name, num_layers)
-        shared_problem = method.check_config(params.shared)
-        if shared_problem:
-            raise ConfigError(f"{config.source}: parameters: {shared_problem} (for tensor {name!r})")
-        tensor_problem = method.check_tensor(params)
-        if tensor_problem:
-            index, problem = tensor_problem
-            whose = "" if index is None else f" of model {config.models[index].ref!r}"
-            raise ConfigError(f"{config.source}: parameters{whose} ({method.name}) for tensor {name!r}: {problem}")
-        specs.append(TensorSpec(name, infos, dtype, config.out_dtype or dtype, params, infos[0].shape))
+        specs.append(_spec(config, name, infos, params, model_refs, tuple(range(len(checkpoints))),
+                           config.base is not None))
     scopes = {method.reduction_scope(spec.params.shared) for spec in specs}
     if len(scopes) > 1:
         raise ConfigError(f"{config.source}: parameters: the reduction scope (density_scope) must be the same "
                           "for every tensor; set it once, without a gradient or filters")
     return specs
+
+
+def _spec(config: MergeConfig, name: str, infos: Tuple[TensorInfo, ...], params: ResolvedParams,
+          model_refs: List[str], inputs: Tuple[int, ...], with_base: bool) -> TensorSpec:
+    """A TensorSpec, once the method accepts the values resolved for the tensor."""
+    method = config.method
+    shared_problem = method.check_config(params.shared)
+    if shared_problem:
+        raise ConfigError(f"{config.source}: parameters: {shared_problem} (for tensor {name!r})")
+    tensor_problem = method.check_tensor(params)
+    if tensor_problem:
+        index, problem = tensor_problem
+        whose = "" if index is None else f" of model {model_refs[index]!r}"
+        raise ConfigError(f"{config.source}: parameters{whose} ({method.name}) for tensor {name!r}: {problem}")
+    dtype = _compute_dtype(config, [SAFETENSORS_TO_TORCH[i.dtype] for i in infos])
+    return TensorSpec(name, infos, dtype, config.out_dtype or dtype, params, infos[0].shape, inputs, with_base)
+
+
+PRE_LAYER_NAMES = ("embed", "wte", "wpe", "word_embeddings")
+
+
+def _layer_templates(ckpt: Checkpoint) -> Dict[int, Dict[str, str]]:
+    """layer index -> {name template with '{}' for the index: tensor name}."""
+    out: Dict[int, Dict[str, str]] = {}
+    for name in ckpt.tensors:
+        match = LAYER_INDEX.search(name)
+        if match:
+            template = name[:match.start(1)] + "{}" + name[match.end(1):]
+            out.setdefault(int(match.group(1)), {})[template] = name
+    return out
+
+
+def _sliced_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]
+                  ) -> Tuple[List[TensorSpec], Tuple[Tuple[int, int], ...]]:
+    """The output tensors of a `slices:` layout, as mergekit 0.1.5 builds them: tensors
+    before the layers (embeddings) from the first slice's sources, each slice's layers
+    renumbered after the previous slices', tensors after the layers (final norm, lm_head)
+    from the last slice's sources; gradients run over each slice's layers."""
+    index = {ckpt.ref: i for i, ckpt in enumerate(checkpoints)}
+    templates = {i: _layer_templates(ckpt) for i, ckpt in enumerate(checkpoints)}
+    specs: List[TensorSpec] = []
+    layer_sources: List[Tuple[int, int]] = []
+
+    def add(output_slice: OutputSlice, out_name: str, names: List[Tuple[int, str]], t: float) -> None:
+        infos = []
+        for ckpt_index, name in names:
+            ckpt = checkpoints[ckpt_index]
+            info = ckpt.tensors.get(name)
+            if info is None:
+                raise InputError(f"model {ckpt.ref!r} ({ckpt.path}) has no tensor {name!r}, which slice "
+                                 f"output tensor {out_name!r} needs")
+            infos.append(info)
+        shapes = {i.shape for i in infos}
+        if len(shapes) > 1:
+            raise InputError(f"output tensor {out_name!r} merges tensors of different shapes: "
+                             + ", ".join(f"{n!r} {list(i.shape)}" for (_, n), i in zip(names, infos)))
+        params = resolve_slice_parameters(config, output_slice, out_name, t)
+        specs.append(_spec(config, out_name, tuple(infos), params, [s.model.ref for s in output_slice.models],
+                           tuple(i for i, _ in names), output_slice.base is not None))
+
+    def outside_layers(output_slice: OutputSlice, before: bool) -> None:
+        first = index[output_slice.sources[0].model.ref]
+        for name in sorted(checkpoints[first].tensors, key=natural_key):
+            if LAYER_INDEX.search(name) is None and any(k in name for k in PRE_LAYER_NAMES) == before:
+                add(output_slice, name, [(index[src.model.ref], name) for src in output_slice.sources], 0.0)
+
+    outside_layers(config.slices[0], before=True)
+    out_layer = 0
+    for output_slice in config.slices:
+        n = output_slice.layers
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            first = output_slice.sources[0]
+            first_index = index[first.model.ref]
+            layer = first.layer_range[0] + offset
+            found = templates[first_index].get(layer)
+            if not found:
+                raise InputError(f"model {first.model.ref!r} has no layer {layer} (its layer_range "
+                                 f"{list(first.layer_range)} reaches past its last layer)")
+            for template in sorted(found, key=natural_key):
+                names = [(index[src.model.ref], template.format(src.layer_range[0] + offset))
+                         for src in output_slice.sources]
+                add(output_slice, template.format(out_layer), names, t)
+            layer_sources.append((first_index, layer))
+            out_layer += 1
+    outside_layers(config.slices[-1], before=False)
+    specs.sort(key=lambda spec: natural_key(spec.name))
+    return specs, tuple(layer_sources)
 
 
 def _tensor_info(ckpt: Checkpoint, reference: Checkpoint, name: str) -> TensorInfo:
@@ -265,8 +358,7 @@ def _rows_per_step(config: MergeConfig, spec: TensorSpec, per_element: float, bu
     """Rows per piece under the method's split policy; a tensor it needs whole must fit the budget."""
     method = config.method
     rows = spec.shape[0] if spec.shape else 1
-    if method.splittable(PieceMeta(spec.name, spec.shape, 0, rows, spec.dtype, spec.params, seed,
-                                  config.base is not None)):
+    if method.splittable(PieceMeta(spec.name, spec.shape, 0, rows, spec.dtype, spec.params, seed, spec.with_base)):
         return _rows_per_piece(spec.shape, per_element, budget)
     if spec.numel * per_element > budget:
         raise ConfigError(
@@ -284,7 +376,8 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
     pieces: List[Piece] = []
     for spec in specs:
         shape = spec.shape
-        per_element = (method.working_set_factor(len(config.models)) * spec.dtype.itemsize
+        n_models = len(spec.infos) - (1 if spec.with_base else 0)
+        per_element = (method.working_set_factor(n_models) * spec.dtype.itemsize
                        + sum(i.nbytes for i in spec.infos) / max(1, spec.numel) + spec.out_dtype.itemsize)
         rows_total = shape[0] if shape else 1
         step = max(1, _rows_per_step(config, spec, per_element, budget, seed))
@@ -297,15 +390,15 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
                 SourceRange(i.path, i.dtype,
                             i.start + r0 * row_numel * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
                             i.start + (r0 * row_numel + elems) * SAFETENSORS_TO_TORCH[i.dtype].itemsize,
-                            ckpt.versions.get(i.path, (0, ""))[1])
-                for i, ckpt in zip(spec.infos, checkpoints))
+                            checkpoints[c].versions.get(i.path, (0, ""))[1], c)
+                for i, c in zip(spec.infos, spec.checkpoints))
             pieces.append(Piece(
-                meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed, config.base is not None),
+                meta=PieceMeta(spec.name, shape, r0, r1, spec.dtype, spec.params, seed, spec.with_base),
                 sources=sources,
                 group="<model>" if per_model_scope else spec.name, out_dtype=spec.out_dtype, shard=shard,
                 out_offset=offset + r0 * row_numel * spec.out_dtype.itemsize,
                 out_nbytes=elems * spec.out_dtype.itemsize, memory=int(elems * per_element),
-                with_base=config.base is not None))
+                with_base=spec.with_base))
             if spec.numel == 0:
                 break
     return pieces

@@ -155,7 +155,8 @@ def test_bad_values(tmp_path, paths):
             "parameters.sign_election", "weighted, unweighted")
     _expect(tmp_path, ties(paths, parameters={"normalize": "yes"}), ConfigError, "parameters.normalize",
             "true or false")
-    _expect(tmp_path, ties(paths, slices=[]), ConfigError, "slices", "not supported")
+    _expect(tmp_path, ties(paths, slices=[]), ConfigError, "slices", "either 'models' or 'slices'")
+    _expect(tmp_path, ties(paths, modules={}), ConfigError, "modules", "not supported")
 
 
 def test_missing_model_directory(tmp_path, paths):

@@ -284,6 +284,30 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
+def stacked_config(plan: MergePlan, model_config: dict) -> dict:
+    """config.json of a `slices:` merge: `num_hidden_layers` is the number of output layers,
+    and every per-layer list (e.g. `layer_types`) is rebuilt from each output layer's source."""
+    layers = model_config.get("num_hidden_layers")
+    configs: dict = {}
+
+    def source_config(index: int) -> dict:
+        if index not in configs:
+            files = ModelFiles(plan.checkpoints[index].path, plan.config.storage)
+            url = files.url("config.json")
+            configs[index] = json.loads(files.read(url)) if files.exists(url) else {}
+        return configs[index]
+
+    out = dict(model_config, num_hidden_layers=len(plan.layer_sources))
+    for key, value in model_config.items():
+        if isinstance(value, list) and layers and len(value) == layers:
+            rebuilt = []
+            for index, layer in plan.layer_sources:
+                values = source_config(index).get(key)
+                rebuilt.append(values[layer] if isinstance(values, list) and layer < len(values) else value[0])
+            out[key] = rebuilt
+    return out
+
+
 def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[dict] = None,
                       checksum_algorithm: str = "") -> None:
     """Write config.json, tokenizer files and the model card, then the index (last).
@@ -294,6 +318,8 @@ def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[di
     config_url = source.url("config.json")
     if source.exists(config_url):
         model_config = json.loads(source.read(config_url))
+        if plan.layer_sources:
+            model_config = stacked_config(plan, model_config)
         dtype_name = _output_dtype_name(plan)
         if dtype_name:
             model_config["torch_dtype"] = dtype_name
