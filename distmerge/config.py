@@ -26,14 +26,14 @@ from distmerge.methods.base import REQUIRED as REQUIRED_VALUE
 from distmerge.methods.base import MergeMethod, ParameterSpec, ResolvedParams
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "storage", "random_seed"}
+                  "tokenizer_source", "tokenizer", "chat_template", "storage", "random_seed"}
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 UNSUPPORTED_KEYS = {
-    "modules": "modules are not supported yet; list whole models under 'models'",
-    "tokenizer": "tokenizer merging is not supported; the base model's tokenizer is copied",
-    "chat_template": "chat_template is not supported; the base model's template is copied",
+    "modules": "modules are not supported yet; list whole models under 'models' (or use 'slices')",
 }
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+CHAT_TEMPLATE_NAMES = ("chatml",)  # besides "auto" and a template of your own
 MODEL_KEYS = {"model", "parameters"}
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -87,6 +87,8 @@ class MergeConfig:
     storage: Storage = LOCAL  # fsspec options for remote URLs (the config's `storage:` section)
     random_seed: Optional[int] = None  # seed of random methods (config `random_seed`, or --random-seed)
     slices: Tuple[OutputSlice, ...] = ()  # a `slices:` layout (empty for a `models:` config)
+    tokenizer_source: Optional[str] = None  # the model whose tokenizer the output gets (None: the base's)
+    chat_template: Optional[str] = None  # "auto", a template name, or a Jinja template
 
     @property
     def inputs(self) -> Tuple[ModelEntry, ...]:
@@ -338,9 +340,14 @@ def _merge_config(raw: dict, source: str, text: str, method: MergeMethod, global
                 raise _fail(source, f"models[{i}].parameters.density",
                             "density_scope: model needs one density per model, not a gradient or filter list")
 
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise _fail(source, "tokenizer_source",
-                    f"only 'base' is supported (the base model's tokenizer is copied), got {raw['tokenizer_source']!r}")
+    tokenizer_source = _tokenizer_source(raw, source, base_ref)
+    chat_template = raw.get("chat_template")
+    if chat_template is not None and (not isinstance(chat_template, str) or not (
+            chat_template == "auto" or chat_template in CHAT_TEMPLATE_NAMES
+            or ("{" in chat_template and len(chat_template) >= 20))):
+        raise _fail(source, "chat_template", f"must be 'auto' (the input models' most common template), one of "
+                                             f"{', '.join(CHAT_TEMPLATE_NAMES)}, or a Jinja template, "
+                                             f"got {chat_template!r}")
     storage = raw.get("storage") or {}
     if not isinstance(storage, dict):
         raise _fail(source, "storage", "must be a mapping of fsspec options (endpoint_url, profile, anon, ...)")
@@ -361,8 +368,36 @@ def _merge_config(raw: dict, source: str, text: str, method: MergeMethod, global
         storage=Storage(storage),
         random_seed=seed,
         slices=slices,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
     )
 
+
+def _tokenizer_source(raw: dict, source: str, base_ref: Optional[str]) -> Optional[str]:
+    """The model whose tokenizer the output gets, from `tokenizer_source` or `tokenizer.source`:
+    None for the default (the base model's, else the first model's); "base" names the base."""
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise _fail(source, "tokenizer", "set either 'tokenizer_source' or 'tokenizer', not both (as in mergekit)")
+    key, value = "tokenizer_source", raw.get("tokenizer_source")
+    if raw.get("tokenizer") is not None:
+        _check_keys(source, "tokenizer", raw["tokenizer"], TOKENIZER_KEYS)
+        for unsupported in ("tokens", "pad_to_multiple_of"):
+            if raw["tokenizer"].get(unsupported) is not None:
+                raise _fail(source, f"tokenizer.{unsupported}", "is not supported yet (distmerge copies one "
+                                                                "model's tokenizer and never re-maps vocabularies)")
+        key, value = "tokenizer.source", raw["tokenizer"].get("source")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(source, key, f"must be 'base' or a model of the merge, got {value!r}")
+    if value == "union":
+        raise _fail(source, key, "'union' (a tokenizer merged from every model's vocabulary) is not supported "
+                                 "yet: it re-maps embedding rows; use 'base' or one model's tokenizer")
+    if value == "base":
+        if base_ref is None:
+            raise _fail(source, key, "'base' needs a base_model")
+        return base_ref
+    return value
 
 def _load_slices(source: str, slices_raw: Any, method: MergeMethod, specs: Dict[str, ParameterSpec],
                  global_params: Dict[str, Any], base_ref: Optional[str], config_dir: str) -> Tuple[OutputSlice, ...]:

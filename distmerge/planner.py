@@ -201,6 +201,10 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     generator of random methods (ignored by the others).
     """
     budget = memory_per_worker or default_memory_per_worker(num_workers)
+    refs = [m.ref for m in config.inputs]
+    if config.tokenizer_source is not None and config.tokenizer_source not in refs:
+        raise ConfigError(f"{config.source}: tokenizer_source: {config.tokenizer_source!r} is not one of the "
+                          f"merge's models ({', '.join(refs)}); name one of them, or 'base'")
     checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
     layer_sources: Tuple[Tuple[int, int], ...] = ()
     if config.slices:
@@ -302,10 +306,10 @@ def _sliced_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]
                 raise InputError(f"model {ckpt.ref!r} ({ckpt.path}) has no tensor {name!r}, which slice "
                                  f"output tensor {out_name!r} needs")
             infos.append(info)
-        shapes = {i.shape for i in infos}
-        if len(shapes) > 1:
-            raise InputError(f"output tensor {out_name!r} merges tensors of different shapes: "
-                             + ", ".join(f"{n!r} {list(i.shape)}" for (_, n), i in zip(names, infos)))
+        for (ckpt_index, _), info in zip(names[1:], infos[1:]):
+            if info.shape != infos[0].shape:
+                raise InputError(_shape_mismatch(out_name, (checkpoints[ckpt_index].ref, info.shape),
+                                                 (checkpoints[names[0][0]].ref, infos[0].shape)))
         params = resolve_slice_parameters(config, output_slice, out_name, t)
         specs.append(_spec(config, out_name, tuple(infos), params, [s.model.ref for s in output_slice.models],
                            tuple(i for i, _ in names), output_slice.base is not None))
@@ -349,9 +353,23 @@ def _tensor_info(ckpt: Checkpoint, reference: Checkpoint, name: str) -> TensorIn
         raise InputError(f"{info.path}: tensor {name!r} has dtype {info.dtype}; only floating-point "
                          "tensors (F16, BF16, F32, F64) can be merged")
     if info.shape != reference.tensors[name].shape:
-        raise InputError(f"tensor {name!r} has shape {list(info.shape)} in {ckpt.ref!r} but "
-                         f"{list(reference.tensors[name].shape)} in {reference.ref!r}")
+        raise InputError(_shape_mismatch(name, (ckpt.ref, info.shape), (reference.ref, reference.tensors[name].shape)))
     return info
+
+
+VOCABULARY_TENSORS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
+
+
+def _shape_mismatch(name: str, a: Tuple[str, Tuple[int, ...]], b: Tuple[str, Tuple[int, ...]]) -> str:
+    """Two inputs' shapes of one tensor differ; vocabulary rows get mergekit's advice."""
+    (ref_a, shape_a), (ref_b, shape_b) = a, b
+    message = f"tensor {name!r} has shape {list(shape_a)} in {ref_a!r} but {list(shape_b)} in {ref_b!r}"
+    if (any(k in name for k in VOCABULARY_TENSORS) and len(shape_a) == len(shape_b)
+            and shape_a[1:] == shape_b[1:]):
+        message += (": the models' vocabularies differ. mergekit merges such models only with a "
+                    "tokenizer_source, re-mapping embedding rows to one tokenizer; distmerge does not re-map "
+                    "vocabularies yet: bring the models to one vocabulary (same tokens, same embedding rows) first")
+    return message
 
 
 def _rows_per_step(config: MergeConfig, spec: TensorSpec, per_element: float, budget: int, seed: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections import Counter
 import os
 import posixpath
 import re
@@ -26,10 +27,14 @@ from distmerge.io.layout import INDEX_NAME, PARTIAL_SUFFIX, SHARD_FILE
 from distmerge.io.storage import Storage, is_remote, join, split_url
 from distmerge.planner import MergePlan
 
-COMPANION_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+COMPANION_FILES = TOKENIZER_FILES + ("generation_config.json", "preprocessor_config.json", "mergekit_config.yml")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -308,6 +313,48 @@ def stacked_config(plan: MergePlan, model_config: dict) -> dict:
     return out
 
 
+def _tokenizer_donor(plan: MergePlan) -> ModelFiles:
+    """The model whose tokenizer files the output gets: tokenizer_source, else the base (or first) model."""
+    wanted = plan.config.tokenizer_source
+    ckpt = next((c for c in plan.checkpoints if c.ref == wanted), plan.checkpoints[0])
+    return ModelFiles(ckpt.path, plan.config.storage)
+
+
+def _chat_template_text(plan: MergePlan) -> Optional[str]:
+    """The chat template to set: "auto" picks the input models' most common one (None if none has one)."""
+    choice = plan.config.chat_template
+    if choice == "chatml":
+        return CHATML
+    if choice != "auto":
+        return choice
+    found = []
+    for ckpt in plan.checkpoints:
+        files = ModelFiles(ckpt.path, plan.config.storage)
+        template = None
+        jinja = files.url("chat_template.jinja")
+        if files.exists(jinja):
+            template = files.read(jinja).decode()
+        else:
+            config_url = files.url("tokenizer_config.json")
+            if files.exists(config_url):
+                template = json.loads(files.read(config_url)).get("chat_template")
+        if isinstance(template, str) and template.strip():
+            found.append(template.strip())
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def _write_chat_template(plan: MergePlan, dest: Destination, donor: ModelFiles) -> None:
+    """Set the chat template: chat_template.jinja, and the field in tokenizer_config.json."""
+    template = _chat_template_text(plan)
+    if template is None:
+        return
+    dest.write("chat_template.jinja", template.encode())
+    config_url = donor.url("tokenizer_config.json")
+    tokenizer_config = json.loads(donor.read(config_url)) if donor.exists(config_url) else {}
+    tokenizer_config["chat_template"] = template
+    dest.write("tokenizer_config.json", (json.dumps(tokenizer_config, indent=2) + "\n").encode())
+
+
 def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[dict] = None,
                       checksum_algorithm: str = "") -> None:
     """Write config.json, tokenizer files and the model card, then the index (last).
@@ -326,10 +373,15 @@ def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[di
             if "dtype" in model_config:
                 model_config["dtype"] = dtype_name
         dest.write("config.json", (json.dumps(model_config, indent=2) + "\n").encode())
+    tokenizer_donor = _tokenizer_donor(plan)
     for name in COMPANION_FILES:
-        url = source.url(name)
-        if source.exists(url):
-            dest.write(name, source.read(url))
+        donor = tokenizer_donor if name in TOKENIZER_FILES else source
+        url = donor.url(name)
+        if donor.exists(url) and name != "mergekit_config.yml":
+            dest.write(name, donor.read(url))
+    if plan.config.chat_template:
+        _write_chat_template(plan, dest, tokenizer_donor)
+    dest.write("mergekit_config.yml", (card_config_text(plan) + "\n").encode())
     dest.write("README.md", model_card(plan).encode())
     extra = {"distmerge_checksums": checksums, "distmerge_checksum_algorithm": checksum_algorithm} if checksums else {}
     dest.write(INDEX_NAME, plan.layout.index_json(extra).encode())
