@@ -49,9 +49,15 @@ PER_MODEL = {
     "della_linear": {"density": 0.5, "epsilon": 0.15},
 }
 GLOBAL = {"sce": {"select_topk": 0.5}, "ram": {"epsilon": 1e-5}, "ramplus_tl": {"epsilon": 1e-5},
-          "linear": {"normalize": True}}
+          "linear": {"normalize": True}, "slerp": {"t": [0.2, 0.8]}, "nearswap": {"t": 0.0001},
+          "karcher": {"max_iter": 10}}
+# interpolation methods: how many fine-tunes they take, and per-model parameters
+INTERPOLATION = {"slerp": 1, "nuslerp": 2, "multislerp": 3, "karcher": 3, "model_stock": 3, "nearswap": 1,
+                 "arcee_fusion": 1, "passthrough": 1}
+WEIGHTED_INTERPOLATION = {"nuslerp", "multislerp"}
 METHODS = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
-           "della_linear", "della", "sce", "ram", "ramplus_tl"]
+           "della_linear", "della", "sce", "ram", "ramplus_tl", *INTERPOLATION]
+FLOAT32_IN_MERGEKIT = {"ramplus_tl", "arcee_fusion"}  # mergekit 0.1.5 writes float32 tensors for these
 
 STABLE_MERGEKIT = f"""
 import sys
@@ -64,6 +70,17 @@ with stable_sorts():
 
 
 def config_for(method: str, paths: List[str]) -> dict:
+    if method in INTERPOLATION:
+        models = [{"model": p, "parameters": {"weight": w}} if method in WEIGHTED_INTERPOLATION else {"model": p}
+                  for p, w in zip(paths[1:1 + INTERPOLATION[method]], WEIGHTS)]
+        cfg = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+        if method not in ("passthrough", "karcher"):
+            cfg["base_model"] = paths[0]
+        if method in GLOBAL:
+            cfg["parameters"] = GLOBAL[method]
+        if method in FLOAT32_IN_MERGEKIT:
+            cfg["out_dtype"] = "float32"
+        return cfg
     models = []
     for path, weight in zip(paths[1:], WEIGHTS):
         params = dict(PER_MODEL.get(method, {}))
@@ -77,8 +94,8 @@ def config_for(method: str, paths: List[str]) -> dict:
         cfg["base_model"] = paths[0]
     if method in GLOBAL:
         cfg["parameters"] = GLOBAL[method]
-    if method == "ramplus_tl":
-        cfg["out_dtype"] = "float32"  # mergekit 0.1.5 writes float32 for this method
+    if method in FLOAT32_IN_MERGEKIT:
+        cfg["out_dtype"] = "float32"
     return cfg
 
 

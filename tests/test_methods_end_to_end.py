@@ -230,6 +230,17 @@ def test_interpolation_methods_match_mergekit_split_on_two_workers(ray_local, mo
         assert same >= 0.99, f"{name}: {same:.4%} bit-identical"
 
 
+@pytest.mark.parametrize("method", ["karcher", "multislerp", "arcee_fusion", "model_stock"])
+def test_whole_tensor_statistics_give_the_same_bytes_for_any_budget(ray_local, model_factory, tmp_path, method):
+    """Reduced norms, dot products, quartiles and data-dependent steps: whole on 1 worker and
+    split to a tiny budget on 2 give the same files."""
+    paths = model_factory(torch.float16)
+    cfg = _interpolation_config(method, paths)
+    _merge(tmp_path, cfg, "whole", num_workers=1)
+    _merge(tmp_path, cfg, "split", num_workers=2, memory_per_worker=TINY_BUDGET)
+    assert shard_bytes(str(tmp_path / "whole")) == shard_bytes(str(tmp_path / "split"))
+
+
 def test_plan_shows_each_methods_phases(model_factory, tmp_path):
     from distmerge.planner import format_plan
 
