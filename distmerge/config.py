@@ -88,6 +88,8 @@ class MergeConfig:
     random_seed: Optional[int] = None  # seed of random methods (config `random_seed`, or --random-seed)
     slices: Tuple[OutputSlice, ...] = ()  # a `slices:` layout (empty for a `models:` config)
     tokenizer_source: Optional[str] = None  # the model whose tokenizer the output gets (None: the base's)
+    # base_model, also when the method does not merge it: config.json and the tokenizer come from it
+    base_model: Optional[ModelEntry] = None
     chat_template: Optional[str] = None  # "auto", a template name, or a Jinja template
 
     @property
@@ -314,6 +316,8 @@ def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
                 raise _fail(source, f"{key}.parameters.{spec.name}",
                             f"is required by {name} (set it for this model or under the top-level 'parameters')")
         models.append(ModelEntry(ref, _resolve_path(ref, config_dir), params))
+    if method.inputs.base == "input" and base_ref is not None and base_ref not in seen:
+        models.append(ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}))  # mergekit appends it
     rule_problem = method.inputs.problems(name, base_ref is not None, len(models))
     if rule_problem:
         raise _fail(source, *rule_problem)
@@ -370,6 +374,7 @@ def _merge_config(raw: dict, source: str, text: str, method: MergeMethod, global
         slices=slices,
         tokenizer_source=tokenizer_source,
         chat_template=chat_template,
+        base_model=ModelEntry(base_ref, _resolve_path(base_ref, config_dir), {}) if base_ref is not None else None,
     )
 
 
@@ -382,10 +387,10 @@ def _tokenizer_source(raw: dict, source: str, base_ref: Optional[str]) -> Option
     if raw.get("tokenizer") is not None:
         _check_keys(source, "tokenizer", raw["tokenizer"], TOKENIZER_KEYS)
         for unsupported in ("tokens", "pad_to_multiple_of"):
-            if raw["tokenizer"].get(unsupported) is not None:
+            if raw["tokenizer"].get(unsupported):
                 raise _fail(source, f"tokenizer.{unsupported}", "is not supported yet (distmerge copies one "
                                                                 "model's tokenizer and never re-maps vocabularies)")
-        key, value = "tokenizer.source", raw["tokenizer"].get("source")
+        key, value = "tokenizer.source", raw["tokenizer"].get("source", "union")  # mergekit's default
     if value is None:
         return None
     if not isinstance(value, str):
@@ -438,6 +443,8 @@ def _load_slices(source: str, slices_raw: Any, method: MergeMethod, specs: Dict[
             params = raw_source.get("parameters") or {}
             _check_keys(source, f"{key}.parameters", params, set(specs))
             params = {k: _check_setting(source, f"{key}.parameters.{k}", specs[k], v) for k, v in params.items()}
+            if any(ref == e.model.ref for e in ([base_source] if base_source else []) + models):
+                raise _fail(source, f"{key}.model", f"{ref!r} is a source of this slice twice")
             entry = SliceSource(ModelEntry(ref, _resolve_path(ref, config_dir), params), tuple(layer_range))
             if method.inputs.takes_base(slice_base is not None) and ref == slice_base:
                 base_source = entry
@@ -472,16 +479,20 @@ def resolve_parameters(config: MergeConfig, tensor_name: str, num_layers: int) -
 
 
 def resolve_slice_parameters(config: MergeConfig, output_slice: OutputSlice, tensor_name: str,
-                             t: float) -> ResolvedParams:
+                             t: float, input_names: List[str]) -> ResolvedParams:
     """The values for one tensor of a slice, with mergekit's precedence: the source's own
-    settings, then the slice's, then the top-level ones; t runs over the slice's layers."""
+    settings, then the slice's, then the top-level ones; t runs over the slice's layers.
+    Filters of global values match the output tensor's name; a model's values match the
+    name of its own input tensor (`input_names`, one per model), as in mergekit."""
     shared_scopes = (output_slice.parameters, config.parameters)
     return _resolve(config, tensor_name, t, shared_scopes,
-                    [(src.model.ref, (src.model.parameters,) + shared_scopes) for src in output_slice.models])
+                    [(src.model.ref, (src.model.parameters,) + shared_scopes) for src in output_slice.models],
+                    input_names)
 
 
 def _resolve(config: MergeConfig, tensor_name: str, t: float, shared_scopes: Tuple[Mapping[str, Any], ...],
-             models: List[Tuple[str, Tuple[Mapping[str, Any], ...]]]) -> ResolvedParams:
+             models: List[Tuple[str, Tuple[Mapping[str, Any], ...]]],
+             input_names: Optional[List[str]] = None) -> ResolvedParams:
     method = config.method
     shared: Dict[str, Any] = {}
     per_model: List[Dict[str, Any]] = [{} for _ in models]
@@ -497,7 +508,7 @@ def _resolve(config: MergeConfig, tensor_name: str, t: float, shared_scopes: Tup
             shared[spec.name] = float(value) if spec.type is float and value is not None else value
             continue
         for i, (ref, scopes) in enumerate(models):
-            value = _first_value(spec, scopes, tensor_name, t)
+            value = _first_value(spec, scopes, input_names[i] if input_names else tensor_name, t)
             if value is None:
                 if spec.required:
                     raise ConfigError(

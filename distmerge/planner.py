@@ -6,6 +6,7 @@ output bytes depend on nothing else (not on worker count or scheduling).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ import torch
 
 from distmerge.config import LAYER_INDEX, MergeConfig, OutputSlice, resolve_parameters, resolve_slice_parameters
 from distmerge.errors import ConfigError, InputError
-from distmerge.io.checkpoint import Checkpoint, open_checkpoint
+from distmerge.io.checkpoint import Checkpoint, ModelFiles, open_checkpoint
 from distmerge.io.header import TensorInfo
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
 from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
@@ -201,7 +202,7 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     generator of random methods (ignored by the others).
     """
     budget = memory_per_worker or default_memory_per_worker(num_workers)
-    refs = [m.ref for m in config.inputs]
+    refs = [m.ref for m in config.inputs] + ([config.base_model.ref] if config.base_model else [])
     if config.tokenizer_source is not None and config.tokenizer_source not in refs:
         raise ConfigError(f"{config.source}: tokenizer_source: {config.tokenizer_source!r} is not one of the "
                           f"merge's models ({', '.join(refs)}); name one of them, or 'base'")
@@ -213,6 +214,8 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     else:
         notes = _extra_tensor_notes(checkpoints)
         specs = _tensor_specs(config, checkpoints)
+    if config.tokenizer_source is not None:
+        _check_tokenizer_vocabulary(config, checkpoints, specs)
     layout = plan_layout([OutputTensor(s.name, TORCH_TO_SAFETENSORS[s.out_dtype], s.shape,
                                        s.numel * s.out_dtype.itemsize) for s in specs], shard_size)
     pieces = _cut_pieces(config, specs, checkpoints, layout, budget, seed)
@@ -310,7 +313,8 @@ def _sliced_specs(config: MergeConfig, checkpoints: Sequence[Checkpoint]
             if info.shape != infos[0].shape:
                 raise InputError(_shape_mismatch(out_name, (checkpoints[ckpt_index].ref, info.shape),
                                                  (checkpoints[names[0][0]].ref, infos[0].shape)))
-        params = resolve_slice_parameters(config, output_slice, out_name, t)
+        model_names = [name for _, name in names[1 if output_slice.base is not None else 0:]]
+        params = resolve_slice_parameters(config, output_slice, out_name, t, model_names)
         specs.append(_spec(config, out_name, tuple(infos), params, [s.model.ref for s in output_slice.models],
                            tuple(i for i, _ in names), output_slice.base is not None))
 
@@ -358,6 +362,44 @@ def _tensor_info(ckpt: Checkpoint, reference: Checkpoint, name: str) -> TensorIn
 
 
 VOCABULARY_TENSORS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
+
+
+def tokenizer_size(tokenizer_json: bytes) -> Optional[int]:
+    """How many tokens a tokenizer.json defines (its model's vocabulary and added tokens), or None."""
+    try:
+        data = json.loads(tokenizer_json)
+        vocab = data["model"]["vocab"]
+        ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+        ids.update(t["id"] for t in data.get("added_tokens") or [])
+        return len(ids)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_tokenizer_vocabulary(config: MergeConfig, checkpoints: Sequence[Checkpoint],
+                                specs: Sequence[TensorSpec]) -> None:
+    """With a tokenizer source, mergekit 0.1.5 re-maps embedding rows to that tokenizer's tokens
+    (so padded embeddings shrink); distmerge copies the tokenizer and keeps the rows, which is
+    the same only when the tokenizer has exactly as many tokens as the embeddings have rows."""
+    ref = config.tokenizer_source
+    path = next((c.path for c in checkpoints if c.ref == ref), None)
+    if path is None and config.base_model is not None and config.base_model.ref == ref:
+        path = config.base_model.path
+    files = ModelFiles(path, config.storage)
+    url = files.url("tokenizer.json")
+    size = tokenizer_size(files.read(url)) if files.exists(url) else None
+    where = f"{config.source}: tokenizer_source"
+    if size is None:
+        raise ConfigError(f"{where}: {ref!r} has no readable tokenizer.json; distmerge checks the tokenizer's "
+                          "size against the embedding rows (mergekit re-maps the rows to it). Leave "
+                          "tokenizer_source out to copy the base model's tokenizer as it is")
+    for spec in specs:
+        if any(k in spec.name for k in VOCABULARY_TENSORS) and spec.shape and spec.shape[0] != size:
+            raise ConfigError(
+                f"{where}: the tokenizer of {ref!r} has {size} tokens but tensor {spec.name!r} has "
+                f"{spec.shape[0]} rows. mergekit 0.1.5 re-maps embedding rows to the tokenizer "
+                f"({spec.shape[0]} -> {size}); distmerge does not yet. Leave tokenizer_source out to keep every "
+                "row (the base model's tokenizer is copied), or bring the models to that vocabulary first")
 
 
 def _shape_mismatch(name: str, a: Tuple[str, Tuple[int, ...]], b: Tuple[str, Tuple[int, ...]]) -> str:

@@ -56,6 +56,7 @@ NEAR_CASES = {
     "model_stock": ({}, [{}, {}, {}]),
     "karcher": ({}, [{}, {}, {}]),
     "karcher-nobase": ({"max_iter": 3, "tol": 1e-4}, [{}, {}]),
+    "karcher-nosteps-nobase": ({"max_iter": 0}, [{}, {}, {}]),
     "sce": ({}, [{}, {}, {}]),
     "sce-select": ({"select_topk": 0.3}, [{}, {}, {}]),
     "sce-select-int8": ({"select_topk": 0.05, "int8_mask": True}, [{}, {}, {}]),
@@ -101,6 +102,9 @@ def _run_both(case, cases, dtype, cuts, seed=0):
         if method == "linear":
             per_model = [dict(weight=0.4)] + per_model
         inputs = ([base] + models)[:len(per_model)]
+    elif rules.base == "input" and "-nobase" not in case:  # a named base is one more input, last
+        inputs = models[:len(per_model)] + [base]
+        per_model = per_model + [{}]
     else:
         inputs = models[:len(per_model)]
     theirs = merge_tensor(method, base if with_base else None, inputs, shared, per_model)

@@ -115,6 +115,10 @@ def test_slice_rules(model_factory, tmp_path):
         {"sources": [{"model": paths[1], "layer_range": [0, 3]}, {"model": paths[2], "layer_range": [0, 3]}]}]}
     with pytest.raises(ConfigError, match="not among this slice's sources; add it with its layer_range"):
         distmerge.plan(write_yaml(str(tmp_path / "b.yml"), no_base))
+    twice = _frankenmerge(paths)
+    twice["slices"][0]["sources"].append({"model": paths[1], "layer_range": [1, 3]})
+    with pytest.raises(ConfigError, match=r"slices\[0\].sources\[1\].model: .* is a source of this slice twice"):
+        distmerge.plan(write_yaml(str(tmp_path / "d.yml"), twice))
     two = _frankenmerge(paths)
     two["slices"][0]["sources"].append({"model": paths[2], "layer_range": [0, 2]})
     with pytest.raises(ConfigError, match=r"slices\[0\]: merge_method passthrough needs exactly 1 model"):

@@ -33,7 +33,10 @@ def tokenized(model_factory, tmp_path):
         if template:
             tokenizer_config["chat_template"] = template
         (copy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-        (copy / "tokenizer.json").write_text(json.dumps({"model": name}))
+        vocab = {f"t{i}": i for i in range(380)}  # with 4 added tokens: the test models' 384 rows
+        added = [{"id": 380 + i, "content": f"<a{i}>"} for i in range(4)]
+        (copy / "tokenizer.json").write_text(json.dumps({"name": name, "model": {"vocab": vocab},
+                                                         "added_tokens": added}))
         (copy / "generation_config.json").write_text(json.dumps({"from": name}))
         out.append(str(copy))
     return out
@@ -51,7 +54,7 @@ def test_tokenizer_source_chat_template_auto_and_recipe(ray_local, tokenized, tm
     path = write_yaml(str(tmp_path / "m.yml"), cfg)
     distmerge.merge(path, str(tmp_path / "out"), num_workers=2)
     out = tmp_path / "out"
-    assert json.loads((out / "tokenizer.json").read_text()) == {"model": "ft2"}
+    assert json.loads((out / "tokenizer.json").read_text())["name"] == "ft2"
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["from"] == "ft2"
     # "auto": the most common template among the inputs (ft1 and ft2 share "B")
@@ -77,6 +80,7 @@ def test_tokenizer_section_base_and_named_template(ray_local, tokenized, tmp_pat
 @pytest.mark.parametrize("extra, fragments", [
     ({"tokenizer_source": "union"}, ("tokenizer_source", "'union'", "not supported yet")),
     ({"tokenizer": {"source": "union"}}, ("tokenizer.source", "not supported yet")),
+    ({"tokenizer": {}}, ("tokenizer.source", "'union'", "not supported yet")),
     ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}}, ("tokenizer.tokens", "not supported")),
     ({"tokenizer_source": "base", "tokenizer": {"source": "base"}}, ("tokenizer", "not both")),
     ({"tokenizer_source": "/elsewhere/model"}, ("tokenizer_source", "is not one of the merge's models")),
@@ -87,6 +91,19 @@ def test_tokenizer_settings_refused_clearly(tokenized, tmp_path, extra, fragment
         distmerge.plan(write_yaml(str(tmp_path / "m.yml"), _ties(tokenized, **extra)))
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
+
+
+def test_a_tokenizer_smaller_than_the_embeddings_is_refused(tokenized, tmp_path):
+    """mergekit would shrink the embeddings to the tokenizer's tokens; distmerge says so instead."""
+    data = json.loads(open(os.path.join(tokenized[1], "tokenizer.json")).read())
+    data["added_tokens"] = data["added_tokens"][:2]
+    with open(os.path.join(tokenized[1], "tokenizer.json"), "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ConfigError) as info:
+        distmerge.plan(write_yaml(str(tmp_path / "m.yml"), _ties(tokenized, tokenizer_source=tokenized[1])))
+    message = str(info.value)
+    assert "has 382 tokens but tensor 'lm_head.weight' has 384 rows" in message
+    assert "Leave tokenizer_source out" in message
 
 
 def test_different_vocabularies_get_mergekits_advice(tokenized, tmp_path):

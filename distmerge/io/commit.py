@@ -289,10 +289,15 @@ def model_card(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
 def stacked_config(plan: MergePlan, model_config: dict) -> dict:
-    """config.json of a `slices:` merge: `num_hidden_layers` is the number of output layers,
-    and every per-layer list (e.g. `layer_types`) is rebuilt from each output layer's source."""
-    layers = model_config.get("num_hidden_layers")
+    """config.json of a `slices:` merge: the layer count (under the key the model uses) is the
+    number of output layers, and every per-layer list (a key naming layers, e.g. `layer_types`,
+    whose length is the layer count) is rebuilt from each output layer's source model."""
+    count_key = next((k for k in LAYER_COUNT_KEYS if isinstance(model_config.get(k), int)), "num_hidden_layers")
+    layers = model_config.get(count_key)
     configs: dict = {}
 
     def source_config(index: int) -> dict:
@@ -302,9 +307,9 @@ def stacked_config(plan: MergePlan, model_config: dict) -> dict:
             configs[index] = json.loads(files.read(url)) if files.exists(url) else {}
         return configs[index]
 
-    out = dict(model_config, num_hidden_layers=len(plan.layer_sources))
+    out = dict(model_config, **{count_key: len(plan.layer_sources)})
     for key, value in model_config.items():
-        if isinstance(value, list) and layers and len(value) == layers:
+        if "layer" in key and isinstance(value, list) and layers and len(value) == layers:
             rebuilt = []
             for index, layer in plan.layer_sources:
                 values = source_config(index).get(key)
@@ -313,11 +318,21 @@ def stacked_config(plan: MergePlan, model_config: dict) -> dict:
     return out
 
 
+def _metadata_donor(plan: MergePlan) -> ModelFiles:
+    """Where config.json and the other files come from, as in mergekit: base_model when the
+    config names one (even for a method that does not merge it), else the first model."""
+    cfg = plan.config
+    path = cfg.base_model.path if cfg.base_model is not None else plan.checkpoints[0].path
+    return ModelFiles(path, cfg.storage)
+
+
 def _tokenizer_donor(plan: MergePlan) -> ModelFiles:
-    """The model whose tokenizer files the output gets: tokenizer_source, else the base (or first) model."""
-    wanted = plan.config.tokenizer_source
-    ckpt = next((c for c in plan.checkpoints if c.ref == wanted), plan.checkpoints[0])
-    return ModelFiles(ckpt.path, plan.config.storage)
+    """The model whose tokenizer files the output gets: tokenizer_source, else the metadata donor."""
+    cfg = plan.config
+    wanted = cfg.tokenizer_source
+    if wanted is None or (cfg.base_model is not None and wanted == cfg.base_model.ref):
+        return _metadata_donor(plan)
+    return ModelFiles(next(c.path for c in plan.checkpoints if c.ref == wanted), cfg.storage)
 
 
 def _chat_template_text(plan: MergePlan) -> Optional[str]:
@@ -361,7 +376,7 @@ def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[di
 
     The shards' checksums go into the index metadata, for `distmerge verify`.
     """
-    source = ModelFiles(plan.checkpoints[0].path, plan.config.storage)
+    source = _metadata_donor(plan)
     config_url = source.url("config.json")
     if source.exists(config_url):
         model_config = json.loads(source.read(config_url))

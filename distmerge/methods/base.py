@@ -55,9 +55,11 @@ class ParameterSpec:
 class InputRules:
     """What inputs a method accepts: mergekit's input contract, checked at planning.
 
-    `base`: "required", "optional" (used when the config names one), "ignored" (a
-    base_model in the config is not an input unless it is also listed under models) or
-    "forbidden". Counts are of the models other than the base.
+    `base`: "required", "optional" (used when the config names one), "input" (a named
+    base_model is one more input, where it is listed under models, else last: mergekit's
+    default for methods that do not single the base out), "ignored" (a base_model is only
+    the donor of config.json and the tokenizer) or "forbidden". Counts are of the models
+    other than the base.
     """
 
     base: str = "required"

@@ -1,7 +1,7 @@
 """The Karcher (Riemannian) mean on the unit hypersphere, as mergekit 0.1.5 computes it.
 
-Every input (the base too, when the config names one, last, as mergekit orders it) is a
-point u_i = x_i / |x_i| with weight 1/n; the mean starts at the normalized weighted sum
+Every input (the base too, when the config names one: where it is listed, else last, as
+mergekit orders its inputs) is a point u_i = x_i / |x_i| with weight 1/n; the mean starts at the normalized weighted sum
 of the units and moves along the sphere until the tangent step is below `tol` or
 `max_iter` steps are done; the result is the mean scaled by the mean norm.
 
@@ -36,16 +36,16 @@ NORMS, MEAN_NORM, DOTS, TANGENT, UNIT = "norms", "mean norm", "dots", "tangent n
 Known = Dict[str, Fraction]
 
 
-def _positive_int(value: Any) -> Optional[str]:
-    return None if value >= 1 else "must be at least 1"
+def _non_negative_int(value: Any) -> Optional[str]:
+    return None if value >= 0 else "must be 0 or more"
 
 
 class Karcher(MergeMethod):
     name = "karcher"
     description = "Karcher mean: the weighted mean of the models on the hypersphere, by iteration"
-    inputs = InputRules(base="optional", min_models=1)
+    inputs = InputRules(base="input", min_models=1)
     parameters = (
-        ParameterSpec("max_iter", int, per_model=False, default=10, check=_positive_int,
+        ParameterSpec("max_iter", int, per_model=False, default=10, check=_non_negative_int,
                       help="most steps of the iteration"),
         ParameterSpec("tol", float, per_model=False, default=1e-5, help="stop when a step is shorter than this"),
     )
@@ -59,10 +59,11 @@ class Karcher(MergeMethod):
         first = metas[0]
         shared = first.params.shared
         steps = int(shared["max_iter"])
-        n = len(first.params.per_model) + (1 if first.with_base else 0)
+        n = len(first.params.per_model)
         phases = (Phase(NORMS), Phase(MEAN_NORM), Phase("step (dots, tangent norm, unit norm)", 0, 3 * steps,
                                                         repeats=True))
-        start = {"n": n, "tol": float(shared["tol"]), "max_iter": steps, "single": n == 1}
+        start = {"n": n, "tol": float(shared["tol"]), "max_iter": steps, "single": n == 1,
+                 "wide": "float64" if first.dtype == torch.float64 else "float32"}
         return StatisticsPlan(phases, [start] * len(metas))
 
     def next_phase(self, plan: StatisticsPlan, done: int, carries: Sequence[Known]) -> Optional[Phase]:
@@ -73,7 +74,7 @@ class Karcher(MergeMethod):
         if done == 1:
             return Phase(MEAN_NORM) if self._valid(known) else None
         step, part = divmod(done - 2, 3)
-        if part == 2 and rounded_norm(known[f"tangent{step}"]) < tol:
+        if part == 2 and rounded_norm(known, f"tangent{step}") < tol:
             return None  # the last step found the tangent below tol: the mean stands
         if part == 0 and step >= known["max_iter"]:
             return None
@@ -83,11 +84,11 @@ class Karcher(MergeMethod):
 
     @staticmethod
     def _inputs(inputs: PieceInputs) -> List[torch.Tensor]:
-        return list(inputs.models) + ([inputs.base] if inputs.base is not None else [])
+        return list(inputs.models)
 
     @staticmethod
     def _valid(known: Known) -> List[int]:
-        return [i for i in range(known["n"]) if rounded_norm(known[f"norm{i}"]) > known["tol"]]
+        return [i for i in range(known["n"]) if rounded_norm(known, f"norm{i}") > known["tol"]]
 
     def _start(self, tensors: List[torch.Tensor], known: Known):
         """(units, valid indices, normalized alphas, norms as tensors) from the norms phase."""
@@ -187,8 +188,9 @@ class Karcher(MergeMethod):
         return sum(1 for name in known if name.startswith("unit"))
 
 
-def rounded_norm(sum_of_squares: Fraction) -> float:
-    return float(norm_of(sum_of_squares, torch.float32))
+def rounded_norm(known: Known, name: str) -> float:
+    """A reduced norm as mergekit compares it with tol: in float32, float64 for float64 inputs."""
+    return float(norm_of(known[name], getattr(torch, known["wide"])))
 
 
 KARCHER = Karcher()

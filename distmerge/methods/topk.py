@@ -115,8 +115,8 @@ def digit_histogram(keys: torch.Tensor, bits: int, pass_index: int, prefix: int)
     """Histogram of digit `pass_index` among keys whose higher digits equal `prefix`."""
     shift = bits - DIGIT_BITS * (pass_index + 1)
     flat = keys.reshape(-1)
-    if pass_index > 0:
-        flat = flat[(flat >> (shift + DIGIT_BITS)) == prefix]
+    if pass_index > 0:  # (masked: a 64-bit order key's top bit reads as a sign)
+        flat = flat[((flat >> (shift + DIGIT_BITS)) & ((1 << (bits - shift - DIGIT_BITS)) - 1)) == prefix]
     digits = flat >> shift if shift else flat
     if bits > DIGIT_BITS:
         digits = digits & (BINS - 1)
@@ -220,10 +220,14 @@ _ORDER_INT = {16: (torch.int16, torch.int32, 0xFFFF), 32: (torch.int32, torch.in
 
 
 def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """Non-negative integer keys that order like the values of x (not their magnitudes), for
-    16- and 32-bit floats: negative values below positive ones. They are held in the next
-    wider integer type, so the digit passes above see them as unsigned."""
+    """Integer keys that order like the values of x (not their magnitudes): negative values
+    below positive ones. 16- and 32-bit keys are held in the next wider integer type, so
+    they are non-negative; 64-bit ones are int64 bit patterns read as unsigned by the digit
+    passes (which mask what they shift)."""
     bits = key_bits(x.dtype)
+    if bits == 64:
+        raw = x.contiguous().view(torch.int64)
+        return torch.where(raw < 0, ~raw, raw ^ torch.iinfo(torch.int64).min)
     narrow, wide, full = _ORDER_INT[bits]
     raw = x.contiguous().view(narrow).to(wide) & full
     sign = 1 << (bits - 1)
@@ -233,7 +237,7 @@ def order_keys(x: torch.Tensor) -> torch.Tensor:
 def value_of_order_key(key: int, dtype: torch.dtype) -> torch.Tensor:
     """The float (a 0-d tensor of `dtype`) whose order key is `key`."""
     bits = key_bits(dtype)
-    narrow, _, full = _ORDER_INT[bits]
+    narrow, _, full = _ORDER_INT.get(bits, (torch.int64, None, (1 << 64) - 1))
     sign = 1 << (bits - 1)
     raw = key - sign if key >= sign else full - key
     if raw >= sign:  # back to the signed integer the float's bits read as
