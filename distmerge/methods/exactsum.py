@@ -11,6 +11,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Dict, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from distmerge.methods.topk import magnitude_keys
@@ -20,8 +21,32 @@ CHUNK = 1 << 24  # elements per bincount: 2^24 * 2^27 < 2^53 keeps float64 weigh
 HALF = 26
 
 
+def _mantissa_table(dtype: torch.dtype) -> np.ndarray:
+    """For every 15-bit magnitude key of a 16-bit float: its integer mantissa (implicit bit included)."""
+    if dtype not in _TABLES:
+        mbits = MANTISSA_BITS[dtype]
+        keys = np.arange(1 << 15, dtype=np.int64)
+        exponent = keys >> mbits
+        _TABLES[dtype] = (keys & ((1 << mbits) - 1)) | np.where(exponent > 0, 1 << mbits, 0)
+    return _TABLES[dtype]
+
+
+_TABLES: Dict[torch.dtype, np.ndarray] = {}
+
+
+def _abs_sum_parts_16(x: torch.Tensor) -> Dict[int, int]:
+    """16-bit floats: one histogram of the magnitude keys; mantissa times count, summed per
+    exponent in int64 (exact: at most 2^11 per entry, far below 2^63 for any real tensor)."""
+    mbits = MANTISSA_BITS[x.dtype]
+    counts = np.bincount(magnitude_keys(x).reshape(-1).numpy().view(np.uint16), minlength=1 << 15)
+    per_exponent = (counts.astype(np.int64) * _mantissa_table(x.dtype)).reshape(-1, 1 << mbits).sum(axis=1)
+    return {int(e): int(per_exponent[e]) for e in np.nonzero(per_exponent)[0]}
+
+
 def abs_sum_parts(x: torch.Tensor) -> Dict[int, int]:
     """{biased exponent: integer sum of mantissas} for |x| (x finite)."""
+    if x.element_size() == 2:
+        return _abs_sum_parts_16(x)
     info = torch.finfo(x.dtype)
     mbits = MANTISSA_BITS[x.dtype]
     keys = magnitude_keys(x).reshape(-1).to(torch.int64)
