@@ -51,3 +51,13 @@ def masked(values: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
 def as_float_mask(agree: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 0/-1 integer mask as 0.0/1.0 floats of `dtype` (same width)."""
     return (agree & ONE_BITS[dtype]).view(dtype)
+
+
+def keep_bits_of(kept: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep mask as integer keep bits of `int_dtype`: all ones where kept, only the
+    sign bit elsewhere (so `bits & keep` is `x * mask` bit for bit)."""
+    bits = kept.to(int_dtype)
+    bits.neg_()  # -1 where kept, 0 elsewhere
+    bits |= torch.iinfo(int_dtype).min
+    return bits
+

@@ -208,15 +208,12 @@ class TaskVectorMerge(MergeMethod):
                 return None
             keys = self._keys(inputs, selection, index) if selection.searching else topk.magnitude_keys(work)
             if keys.element_size() != work.element_size():  # model-wide keys wider than this tensor
-                kept = topk.kept_mask(keys, selection)
-                return torch.where(kept, -1, torch.iinfo(signs.INT_OF[work.element_size()]).min).to(
-                    signs.INT_OF[work.element_size()])
+                return signs.keep_bits_of(topk.kept_mask(keys, selection), signs.INT_OF[work.element_size()])
             return topk.keep_bits(keys, selection)
         kept = sparsifier.keep(inputs, index, work, values["density"], values)
         if kept is None:
             return None
-        int_dtype = signs.INT_OF[work.element_size()]
-        return torch.where(kept, -1, torch.iinfo(int_dtype).min).to(int_dtype)
+        return signs.keep_bits_of(kept, signs.INT_OF[work.element_size()])
 
     def _sparse_delta(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int,
                       work: torch.Tensor) -> torch.Tensor:

@@ -213,7 +213,10 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
         if quota > 0:
             mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
         return mask
-    return torch.where(kept_mask(keys, selection), -1, sign_bit).to(keys.dtype)
+    kept = kept_mask(keys, selection).to(keys.dtype)
+    kept.neg_()  # -1 where kept, 0 elsewhere
+    kept |= sign_bit
+    return kept
 
 
 _ORDER_INT = {16: (torch.int16, torch.int32, 0xFFFF), 32: (torch.int32, torch.int64, 0xFFFFFFFF)}
