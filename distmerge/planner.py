@@ -514,7 +514,8 @@ def format_plan(plan: MergePlan, units: bool = False) -> str:
         lines.append(f"random seed: {plan.seed}" + (
             " (drawn for this plan; a merge without --random-seed or random_seed draws its own)"
             if plan.seed_drawn else ""))
-    lines.append("inputs (bytes read):")
+    repeats = any(p.repeats for g in plan.groups.values() for p in g.statistics.phases)
+    lines.append("inputs (bytes read" + (", at most: phases repeat as the data needs" if repeats else "") + "):")
     for ckpt, nbytes in zip(plan.checkpoints, plan.read_bytes_by_input()):
         role = "base " if cfg.base is not None and ckpt is plan.checkpoints[0] else "model"
         lines.append(f"  {role} {ckpt.ref}: {format_bytes(nbytes)} of {format_bytes(ckpt.nbytes)} "
