@@ -73,24 +73,19 @@ def config_for(method: str, paths: List[str]) -> dict:
     if method in INTERPOLATION:
         models = [{"model": p, "parameters": {"weight": w}} if method in WEIGHTED_INTERPOLATION else {"model": p}
                   for p, w in zip(paths[1:1 + INTERPOLATION[method]], WEIGHTS)]
-        cfg = {"merge_method": method, "models": models, "dtype": "bfloat16"}
-        if method not in ("passthrough", "karcher"):
-            cfg["base_model"] = paths[0]
-        if method in GLOBAL:
-            cfg["parameters"] = GLOBAL[method]
-        if method in FLOAT32_IN_MERGEKIT:
-            cfg["out_dtype"] = "float32"
-        return cfg
-    models = []
-    for path, weight in zip(paths[1:], WEIGHTS):
-        params = dict(PER_MODEL.get(method, {}))
-        if method in PER_MODEL:
-            params["weight"] = weight
-        models.append({"model": path, "parameters": params} if params else {"model": path})
-    if method == "linear":
-        models.insert(0, {"model": paths[0], "parameters": {"weight": 0.4}})
+        with_base = method not in ("passthrough", "karcher")
+    else:
+        models = []
+        for path, weight in zip(paths[1:], WEIGHTS):
+            params = dict(PER_MODEL.get(method, {}))
+            if method in PER_MODEL:
+                params["weight"] = weight
+            models.append({"model": path, "parameters": params} if params else {"model": path})
+        if method == "linear":
+            models.insert(0, {"model": paths[0], "parameters": {"weight": 0.4}})
+        with_base = method != "linear"
     cfg = {"merge_method": method, "models": models, "dtype": "bfloat16"}
-    if method != "linear":
+    if with_base:
         cfg["base_model"] = paths[0]
     if method in GLOBAL:
         cfg["parameters"] = GLOBAL[method]
