@@ -20,17 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from distmerge.methods import exactsum
-from distmerge.methods.base import (
-    InputRules,
-    MergeMethod,
-    ParameterSpec,
-    Phase,
-    PieceInputs,
-    PieceMeta,
-    StatisticsPlan,
-)
-from distmerge.methods.tensor_sums import exact_parts, norm_of, rounded
+from distmerge.methods.base import InputRules, ParameterSpec, Phase, PieceInputs, PieceMeta, StatisticsPlan
+from distmerge.methods.tensor_sums import TensorSumsMethod, accumulator, exact_parts, norm_of, rounded
 
 NORMS, MEAN_NORM, DOTS, TANGENT, UNIT = "norms", "mean norm", "dots", "tangent norm", "unit norm"
 Known = Dict[str, Fraction]
@@ -40,7 +31,7 @@ def _non_negative_int(value: Any) -> Optional[str]:
     return None if value >= 0 else "must be 0 or more"
 
 
-class Karcher(MergeMethod):
+class Karcher(TensorSumsMethod):
     name = "karcher"
     description = "Karcher mean: the weighted mean of the models on the hypersphere, by iteration"
     inputs = InputRules(base="input", min_models=1)
@@ -63,7 +54,7 @@ class Karcher(MergeMethod):
         phases = (Phase(NORMS), Phase(MEAN_NORM), Phase("step (dots, tangent norm, unit norm)", 0, 3 * steps,
                                                         repeats=True))
         start = {"n": n, "tol": float(shared["tol"]), "max_iter": steps, "single": n == 1,
-                 "wide": "float64" if first.dtype == torch.float64 else "float32"}
+                 "wide": str(accumulator(first.dtype)).split(".")[-1]}
         return StatisticsPlan(phases, [start] * len(metas))
 
     def next_phase(self, plan: StatisticsPlan, done: int, carries: Sequence[Known]) -> Optional[Phase]:
@@ -83,16 +74,12 @@ class Karcher(MergeMethod):
     # -- the iteration, recomputed from the reduced scalars --------------------------------
 
     @staticmethod
-    def _inputs(inputs: PieceInputs) -> List[torch.Tensor]:
-        return list(inputs.models)
-
-    @staticmethod
     def _valid(known: Known) -> List[int]:
         return [i for i in range(known["n"]) if rounded_norm(known, f"norm{i}") > known["tol"]]
 
     def _start(self, tensors: List[torch.Tensor], known: Known):
         """(units, valid indices, normalized alphas, norms as tensors) from the norms phase."""
-        wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        wide = accumulator(tensors[0].dtype)
         norms = [norm_of(known[f"norm{i}"], wide) for i in range(len(tensors))]
         units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
         valid = [i for i, n in enumerate(norms) if n.item() > known["tol"]]
@@ -110,21 +97,31 @@ class Karcher(MergeMethod):
         if cached is not None and cached[0] < through:
             first, mean = cached
         else:
-            mean = torch.zeros_like(units[valid[0]])
-            for alpha, i in zip(alphas, valid):
-                mean += alpha * units[i]
+            mean = self._weighted_units(units, valid, alphas)
             mean_norm = norm_of(known["mean"], wide)
             mean = units[valid[0]].clone() if mean_norm.item() < known["tol"] else (mean / mean_norm).to(mean.dtype)
             first = 0
         for step in range(first, through):
             tangent = self._tangent(mean, units, valid, alphas, known, step)
-            tangent_norm = norm_of(known[f"tangent{step}"], wide)
-            mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+            mean = self._moved(mean, tangent, norm_of(known[f"tangent{step}"], wide))
             unit_norm = norm_of(known[f"unit{step}"], wide)
             if unit_norm.item() > known["tol"]:
                 mean = (mean / unit_norm).to(mean.dtype)
         memo["mean"] = (through, mean)
         return mean
+
+    @staticmethod
+    def _weighted_units(units: List[torch.Tensor], valid: List[int], alphas: List[float]) -> torch.Tensor:
+        """The starting mean before normalization: sum of alpha * unit, in the inputs' dtype."""
+        mean = torch.zeros_like(units[valid[0]])
+        for alpha, i in zip(alphas, valid):
+            mean += alpha * units[i]
+        return mean
+
+    @staticmethod
+    def _moved(mean: torch.Tensor, tangent: torch.Tensor, tangent_norm: torch.Tensor) -> torch.Tensor:
+        """One step along the sphere (before renormalization), as mergekit computes it."""
+        return (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
 
     def _tangent(self, mean: torch.Tensor, units: List[torch.Tensor], valid: List[int], alphas: List[float],
                  known: Known, step: int) -> torch.Tensor:
@@ -140,16 +137,13 @@ class Karcher(MergeMethod):
     # -- protocol -------------------------------------------------------------------------
 
     def collect(self, phase: Phase, inputs: PieceInputs, carry: Known) -> Any:
-        tensors = self._inputs(inputs)
-        wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        tensors = list(inputs.models)
+        wide = accumulator(tensors[0].dtype)
         if phase.step == NORMS:
             return {f"norm{i}": exact_parts(t.to(wide).double().square()) for i, t in enumerate(tensors)}
         units, valid, alphas, _, _ = self._start(tensors, carry)
         if phase.step == MEAN_NORM:
-            mean = torch.zeros_like(units[valid[0]])
-            for alpha, i in zip(alphas, valid):
-                mean += alpha * units[i]
-            return {"mean": exact_parts(mean.to(wide).double().square())}
+            return {"mean": exact_parts(self._weighted_units(units, valid, alphas).to(wide).double().square())}
         step = phase.index
         mean = self._mean(tensors, carry, step, inputs.memo)
         if phase.step == DOTS:
@@ -158,19 +152,11 @@ class Karcher(MergeMethod):
         tangent = self._tangent(mean, units, valid, alphas, carry, step)
         if phase.step == TANGENT:
             return {f"tangent{step}": exact_parts(tangent.to(wide).double().square())}
-        tangent_norm = norm_of(carry[f"tangent{step}"], wide)
-        moved = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        moved = self._moved(mean, tangent, norm_of(carry[f"tangent{step}"], wide))
         return {f"unit{step}": exact_parts(moved.to(wide).double().square())}
 
-    def reduce(self, phase: Phase, metas: Sequence[PieceMeta], partials: Sequence[Any],
-               carries: Sequence[Known]) -> List[Known]:
-        known = dict(carries[0])
-        for name in partials[0]:
-            known[name] = exactsum.signed_value(exactsum.add_signed([p[name] for p in partials]), torch.float64)
-        return [known] * len(carries)
-
     def apply(self, inputs: PieceInputs, carry: Known) -> torch.Tensor:
-        tensors = self._inputs(inputs)
+        tensors = list(inputs.models)
         if len(tensors) == 1:
             return tensors[0]
         _, valid, _, norms, _ = self._start(tensors, carry)

@@ -24,13 +24,9 @@ import torch
 
 from distmerge.errors import MergeFailed
 from distmerge.methods.base import InputRules, ParameterSpec, PieceInputs, PieceMeta
-from distmerge.methods.tensor_sums import Sums, TensorSumsMethod, norm_of, rounded
+from distmerge.methods.tensor_sums import Sums, TensorSumsMethod, accumulator, norm_of, rounded
 
 SLERP_NORMS, SLERP_DOT = "norms", "dot product"
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Slerp(TensorSumsMethod):
@@ -55,7 +51,7 @@ class Slerp(TensorSumsMethod):
         return norms
 
     def sums(self, phase: str, inputs: PieceInputs, known: Sums) -> Dict[str, torch.Tensor]:
-        dtype = _wide(inputs.base.dtype)
+        dtype = accumulator(inputs.base.dtype)
         a, b = inputs.base.to(dtype), inputs.models[0].to(dtype)
         if phase == SLERP_NORMS:
             return {"base": a.double().square(), "model": b.double().square()}
@@ -63,7 +59,7 @@ class Slerp(TensorSumsMethod):
         return {"dot": (a / norm_a) * (b / norm_b)}
 
     def apply(self, inputs: PieceInputs, carry: Sums) -> torch.Tensor:
-        dtype = _wide(inputs.base.dtype)
+        dtype = accumulator(inputs.base.dtype)
         t = torch.tensor(inputs.meta.params.shared["t"], dtype=torch.float64).to(dtype)
         dot = rounded(carry["dot"], dtype).clamp(-1, 1)
         linear = dot.abs() > self.dot_threshold

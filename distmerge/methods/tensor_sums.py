@@ -27,7 +27,7 @@ def exact_parts(x: torch.Tensor) -> Tuple[Dict[int, int], Dict[int, int]]:
     return exactsum.signed_sum_parts(x.to(torch.float64).reshape(-1))
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
+def accumulator(dtype: torch.dtype) -> torch.dtype:
     """The dtype torch's CPU reductions accumulate `dtype` in (float32 for 16-bit floats)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -35,13 +35,13 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 def rounded(value: Fraction, dtype: torch.dtype) -> torch.Tensor:
     """An exact sum as a 0-d tensor of `dtype`, rounded as a torch reduction's result is:
     to its accumulator dtype first, then to `dtype` (so double-rounding ties go the same way)."""
-    return torch.tensor(float(value), dtype=torch.float64).to(_accumulator(dtype)).to(dtype)
+    return torch.tensor(float(value), dtype=torch.float64).to(accumulator(dtype)).to(dtype)
 
 
 def norm_of(sum_of_squares: Fraction, dtype: torch.dtype) -> torch.Tensor:
     """sqrt of an exact sum of squares as torch's norm gives it: sum and root in the
     accumulator dtype, then cast to `dtype`."""
-    acc = _accumulator(dtype)
+    acc = accumulator(dtype)
     return torch.sqrt(torch.tensor(float(sum_of_squares), dtype=torch.float64).to(acc)).to(dtype)
 
 
