@@ -74,12 +74,8 @@ class ArceeFusion(MergeMethod):
 
     def reduce(self, phase: Phase, metas: Sequence[PieceMeta], partials: Sequence[Any],
                carries: Sequence[QuartileCarry]) -> List[QuartileCarry]:
-        per_piece: List[List[topk.Selection]] = [[] for _ in carries]
-        for i in range(len(carries[0].selections)):
-            new = topk.reduce_pass(phase.index, [c.selections[i] for c in carries], [p[i] for p in partials])
-            for row, selection in zip(per_piece, new):
-                row.append(selection)
-        return [replace(c, selections=tuple(row)) for c, row in zip(carries, per_piece)]
+        new = topk.reduce_pass_each(phase.index, [c.selections for c in carries], partials)
+        return [replace(c, selections=row) for c, row in zip(carries, new)]
 
     def apply(self, inputs: PieceInputs, carry: QuartileCarry) -> torch.Tensor:
         base, model = inputs.base, inputs.models[0]

@@ -177,15 +177,8 @@ class TaskVectorMerge(MergeMethod):
                 after = exactsum.value(exactsum.add_parts([p[i][1] for p in partials]), dtype)
                 totals.append((float(before), float(after)))
             return [PieceCarry(c.selections, tuple(totals)) for c in carries]
-        per_piece: List[List[Optional[topk.Selection]]] = [[] for _ in carries]
-        for i, state in enumerate(carries[0].selections):
-            if state is None or not state.searching:
-                new_states = [c.selections[i] for c in carries]
-            else:
-                new_states = topk.reduce_pass(phase.index, [c.selections[i] for c in carries], [p[i] for p in partials])
-            for row, new_state in zip(per_piece, new_states):
-                row.append(new_state)
-        return [PieceCarry(tuple(row), c.l1) for row, c in zip(per_piece, carries)]
+        new = topk.reduce_pass_each(phase.index, [c.selections for c in carries], partials)
+        return [PieceCarry(row, c.l1) for row, c in zip(new, carries)]
 
     # -- apply ------------------------------------------------------------------------
 

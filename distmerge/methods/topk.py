@@ -21,7 +21,7 @@ histograms, so it can tell on its own which of its ties fall inside the window.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -174,6 +174,19 @@ def reduce_pass(pass_index: int, selections: Sequence[Selection],
             row[name] = Boundary(within, prefix, ordinal, before)
             before += int(hist[digit])
     return [replace(s, **row) for s, row in zip(selections, per_piece)]
+
+
+def reduce_pass_each(pass_index: int, selections: Sequence[Sequence[Optional[Selection]]],
+                     partials: Sequence[Sequence[Any]]) -> List[Tuple[Optional[Selection], ...]]:
+    """`reduce_pass` for pieces that each carry several selections (one per model or order
+    statistic), `selections[piece][i]` with `partials[piece][i]`; None stays None."""
+    columns = []
+    for i, state in enumerate(selections[0]):
+        column = [row[i] for row in selections]
+        if state is not None and state.searching:
+            column = reduce_pass(pass_index, column, [p[i] for p in partials])
+        columns.append(column)
+    return [tuple(column[piece] for column in columns) for piece in range(len(selections))]
 
 
 def _tie_positions(keys: torch.Tensor, key: int) -> torch.Tensor:
