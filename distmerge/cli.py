@@ -134,7 +134,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from distmerge.io.commit import existing_checkpoint
+    from distmerge.output.destination import existing_checkpoint
     from distmerge.api import plan
     from distmerge.planner import format_plan
 

@@ -28,3 +28,13 @@ class MergeFailed(DistmergeError):
 class WriterLost(MergeFailed):
     """The writer actor died and could not be replaced; what it made durable is kept, so
     re-running the merge resumes it."""
+
+
+class OutputFull(OutputError):
+    """The output's filesystem ran out of space mid-merge; what is durable is kept, so
+    freeing space and re-running the merge resumes it."""
+
+
+def out_of_space(where: str, err: OSError) -> OutputFull:
+    return OutputFull(f"{where}: no space left on the output's filesystem ({err.strerror}); what is written so "
+                      "far is kept: free space and re-run the same merge to resume it")

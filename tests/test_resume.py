@@ -112,8 +112,8 @@ def test_manifest_without_shards_starts_afresh(config_path, tmp_path):
     """Killed while starting (the manifest written, no shard yet): nothing to resume, and
     nothing to refuse; a finished checkpoint, though, is never taken for an interrupted one."""
     from distmerge.errors import OutputError
-    from distmerge.io import progress
-    from distmerge.io.commit import Destination
+    from distmerge.output import resume as progress
+    from distmerge.output.destination import Destination
 
     plan = distmerge.plan(config_path, memory_per_worker="256KiB")
     dest = Destination(str(tmp_path / "out"), plan.config.storage)

@@ -6,7 +6,7 @@ At most `max_in_flight` units are computing or waiting to be written at any time
 and never more than `max_in_flight_bytes` of output.
 
 If the writer actor dies, a new one is started from what the destination holds durably
-(`restart_writer`): units it lost are computed again, writes that were in flight are
+(`WriterActor.replace`): units it lost are computed again, writes that were in flight are
 sent again, and the merge carries on.
 """
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from distmerge.engine.writer import WriterActor
 from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, apply_unit, collect_unit, scan_unit
-from distmerge.errors import MergeFailed, WriterLost
+from distmerge.errors import DistmergeError, MergeFailed, OutputFull, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
 
@@ -35,22 +36,25 @@ class RunStats:
         self.worker_peak_rss[stats.pid] = max(stats.peak_rss, self.worker_peak_rss.get(stats.pid, 0))
 
 
-def _failure(unit: WorkUnit, err: BaseException) -> MergeFailed:
+def _failure(unit: WorkUnit, err: BaseException) -> DistmergeError:
+    """What a failed unit (or its write) ends the merge with: a full output is kept for a
+    resume (`OutputFull`); anything else fails the merge, naming the unit."""
     cause = getattr(err, "cause", None) or err
+    if isinstance(cause, OutputFull):
+        return OutputFull(str(cause))
     return MergeFailed(f"work unit #{unit.index} ({unit.describe()}) failed: {type(cause).__name__}: {cause}")
 
 
 class Driver:
     def __init__(self, plan: MergePlan, *, max_in_flight: int, max_in_flight_bytes: int,
-                 threads_per_worker: int = 1, allow_nonfinite: bool = False,
-                 restart_writer: Optional[Callable[[Any], Tuple[Any, Set[int]]]] = None) -> None:
+                 threads_per_worker: int = 1, allow_nonfinite: bool = False) -> None:
         """The writer comes later (`attach_writer`): `check_inputs` runs before it exists.
         `on_written(unit)` is called once per unit the writer holds."""
         import ray
 
         self.ray = ray
         self.plan = plan
-        self.writer: Any = None
+        self.writer: Optional[WriterActor] = None
         self.max_in_flight = max(1, max_in_flight)
         self.max_in_flight_bytes = max_in_flight_bytes
         self.threads = threads_per_worker
@@ -58,7 +62,6 @@ class Driver:
         self.durable: Set[int] = set()  # units the writer holds for sure
         self.acknowledged: Set[int] = set()  # units the writer took (maybe not durable yet)
         self.reported: Set[int] = set()
-        self.restart_writer = restart_writer
         self.writer_restarts = 0
         self.recomputed = 0  # units written once, lost with a dead writer, computed again
         self.on_written: Callable[[WorkUnit], None] = lambda unit: None
@@ -201,7 +204,7 @@ class Driver:
 
     def _write(self, unit: WorkUnit, data_ref: Any) -> Any:
         segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
-        return self.writer.write.remote(segments, data_ref, unit.index)
+        return self.writer.handle.write.remote(segments, data_ref, unit.index)
 
     def _report(self, unit: WorkUnit) -> None:
         if unit.index not in self.reported:
@@ -210,19 +213,19 @@ class Driver:
 
     def _replace_writer(self, err: BaseException) -> None:
         """Start a new writer from the durable state (the old one is stopped first)."""
-        if self.restart_writer is None or self.writer_restarts >= WRITER_RESTARTS:
+        if self.writer_restarts >= WRITER_RESTARTS:
             raise WriterLost(f"the writer actor died ({self.writer_restarts} restart(s) so far): {err}; "
                              "re-run the merge to resume it") from err
         self.writer_restarts += 1
         try:
-            self.writer, durable = self.restart_writer(self.writer)
+            durable = self.writer.replace()
         except Exception as failure:  # noqa: BLE001 - the durable state stays for a resume
             raise WriterLost(f"the writer actor died ({err}) and could not be replaced: {failure}; "
                              "re-run the merge to resume it") from failure
         self.recomputed += len(self.acknowledged - set(durable))
         self._holds(durable)
 
-    def attach_writer(self, writer: Any, durable: Set[int]) -> None:
+    def attach_writer(self, writer: WriterActor, durable: Set[int]) -> None:
         """The writer actor to send results to, and the units it already holds."""
         self.writer = writer
         self._holds(durable)
@@ -237,7 +240,7 @@ class Driver:
 
     def run(self) -> Tuple[RunStats, Dict[str, Any]]:
         """Run the whole merge; return the run's statistics and what the writer's finalize
-        reported. `self.writer` is the live writer actor afterwards (and after a failure)."""
+        reported."""
         reduced = self.run_statistics()
         self.run_apply(reduced)
         return self.stats, self.finalize(reduced)
@@ -246,7 +249,9 @@ class Driver:
         """Have the writer commit its shards; if it dies first, restart it and finish the units it lost."""
         while True:
             try:
-                return self.ray.get(self.writer.finalize.remote())
+                return self.ray.get(self.writer.handle.finalize.remote())
+            except OutputFull as err:  # Ray's error is also an instance of its cause's class
+                raise OutputFull(str(getattr(err, "cause", None) or err)) from err
             except self.ray.exceptions.RayActorError as err:
                 self._replace_writer(err)
                 self.run_apply(reduced)

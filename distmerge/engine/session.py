@@ -46,6 +46,7 @@ def ray_session(address: Optional[str], num_workers: int, object_store_memory: i
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # our own instance, even beside a running or stale local cluster
             num_cpus=num_workers,
             object_store_memory=object_store_memory,
             include_dashboard=False,

@@ -1,113 +1,95 @@
-"""The writer: places each unit's bytes at its precomputed offset in the output shards.
-
-Shards are written as `<name>.partial`, preallocated to their final size with their
-header in place; they are renamed to their final names only by `finalize`, after every
-byte range has been written. The class is plain Python; the driver runs it as a Ray
-actor on the node that holds the output directory.
-"""
+"""The writer actor of one merge: a shard writer (`distmerge.output`) run as a Ray actor
+on the driver's node, started from a resume point, replaced from what is durable when it
+dies, and stopped at the end (gracefully, recording what is durable, when interrupted)."""
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
-
-import numpy as np
+import time
+from typing import Any, Optional, Set
 
 from distmerge.errors import MergeFailed
-from distmerge.io import checksum
-from distmerge.io.layout import PARTIAL_SUFFIX, OutputLayout
-from distmerge.io.progress import ProgressLog
-from distmerge.memory import peak_rss
+from distmerge.output.destination import Destination, ResumePoint
+from distmerge.planner import MergePlan
 
 
-class ShardWriter:
-    def __init__(self, out_dir: str, layout: OutputLayout, storage: object = None, part_size: int = 0,
-                 resume: Optional[List[int]] = None) -> None:
-        """Open the shards: fresh (truncated, header written), or as left by an interrupted
-        run when `resume` (data bytes already written per shard) is given.
+class WriterActor:
+    """Owns the live writer actor: `handle` is what the driver sends units to."""
 
-        `storage` and `part_size` are unused here; they keep one constructor for every writer.
-        """
-        self.out_dir = out_dir
-        self.layout = layout
-        self.fds: List[int] = []
-        self.written = list(resume) if resume is not None else [0] * len(layout.shards)
-        self.progress = ProgressLog(out_dir)
-        for shard in layout.shards:
-            path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
-            if resume is not None:
-                fd = os.open(path, os.O_RDWR)
-            else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.ftruncate(fd, shard.size)
-            os.pwrite(fd, shard.header, 0)  # resumed too: no unit logged means no header synced
-            self.fds.append(fd)
+    def __init__(self, destination: Destination, plan: MergePlan, part_size: int) -> None:
+        self.destination = destination
+        self.plan = plan
+        self.part_size = part_size
+        self.writer_class = destination.writer_class()
+        self.handle: Any = None
+        self.pid: Optional[int] = None
 
-    def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
-        """Write `data` split into (shard, file offset, length) segments, in order; log `unit` as done."""
-        view = memoryview(data).cast("B")
-        position = 0
-        for shard, offset, length in segments:
-            chunk = view[position:position + length]
-            done = 0
-            while done < length:
-                done += os.pwrite(self.fds[shard], chunk[done:], offset + done)
-            self.written[shard] += length
-            position += length
-        if unit >= 0:
-            self.progress.add(unit, self.fds)
-        return position
+    def start(self, point: ResumePoint) -> None:
+        """Start a writer carrying on from `point`, and wait until it is constructed (so that a
+        failing constructor fails here, with its error)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def finalize(self) -> Dict[str, object]:
-        """Check every shard is complete, checksum and sync it, and give it its final name."""
-        checksums = {}
-        for i, shard in enumerate(self.layout.shards):
-            expected = shard.size - len(shard.header)
-            if self.written[i] != expected:
-                raise MergeFailed(f"{shard.file_name}: {self.written[i]} of {expected} data bytes were written")
-            fd = self.fds[i]
-            checksums[shard.file_name] = checksum.checksum_of(
-                lambda a, b, fd=fd: os.pread(fd, b - a, a), shard.size, checksum.LOCAL_BLOCK)
-        self.progress.flush(self.fds)  # so a crash among the renames below still resumes
-        for fd in self.fds:
-            os.fsync(fd)
-            os.close(fd)
-        self.fds = []
-        for shard in self.layout.shards:
-            final = os.path.join(self.out_dir, shard.file_name)
-            os.replace(final + PARTIAL_SUFFIX, final)
-        sync_directory(self.out_dir)
-        return {"bytes_written": sum(s.size for s in self.layout.shards), "peak_rss": peak_rss(),
-                "checksums": checksums, "checksum_algorithm": checksum.describe(checksum.LOCAL_BLOCK)}
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.handle = ray.remote(self.writer_class).options(num_cpus=0, scheduling_strategy=here).remote(
+            self.destination.url, self.plan.layout, self.plan.config.storage, self.part_size, point.writer_state)
+        try:
+            self.pid = ray.get(self.handle.process_id.remote())
+        except ray.exceptions.RayActorError as err:
+            reason = [line for line in str(err).splitlines() if line.strip()][-1].strip()  # not Ray's traceback
+            raise MergeFailed(f"the writer actor could not start at {self.destination.url}: {reason}") from err
 
-    def interrupted(self) -> None:
-        """Log what is synced and close, keeping the partial shards for a resume."""
-        self.progress.flush(self.fds)
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+    def replace(self) -> Set[int]:
+        """Stop the (dead) writer, start a new one from what is durable; return the units it holds."""
+        self._kill()
+        point = self.destination.resume_point(self.plan, self.part_size)
+        if point is None:
+            raise MergeFailed(f"the writer actor died and {self.destination.url} no longer holds its partial shards")
+        self.start(point)
+        return point.finished
 
-    def process_id(self) -> int:
-        return os.getpid()
+    def stop(self, graceful: bool) -> None:
+        """Stop the writer: `graceful` lets it record what is durable first. A dead or
+        unreachable writer is let go quietly: the error that ended the run matters more."""
+        import ray
 
+        if self.handle is None:
+            return
+        try:
+            if graceful:
+                ray.get(self.handle.interrupted.remote(), timeout=120)
+            self._kill()
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+        self.handle = None
 
-def writer_class(out: str):
-    """The writer for a destination: positional writes locally, multipart uploads on S3."""
-    from distmerge.io.storage import is_remote, split_url
+    def _kill(self, timeout: float = 60.0) -> None:
+        """Kill the actor and wait until it is gone, so that nothing it still runs can touch the
+        output while a replacement reads what is durable: until Ray reports it dead, and,
+        when its process is on this machine, until that process has exited."""
+        import ray
 
-    if not is_remote(out):
-        return ShardWriter
-    if split_url(out)[0] == "s3":
-        from distmerge.io.multipart import MultipartShardWriter
-
-        return MultipartShardWriter
-    raise MergeFailed(f"{out}: writing to {split_url(out)[0]}:// is not supported (local paths and s3:// are)")
+        try:
+            ray.kill(self.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.handle.__ray_ready__.remote(), timeout=5)
+            except ray.exceptions.ActorDiedError:
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            time.sleep(0.1)
+        else:
+            raise MergeFailed(f"the writer actor did not stop within {timeout:.0f} s; re-run the merge to resume it")
+        while self.pid and _is_writer_process(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
-def sync_directory(path: str) -> None:
-    """Make renames in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+def _is_writer_process(pid: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"Writer" in f.read()
+    except OSError:
+        return False

@@ -15,7 +15,7 @@ import random
 from typing import List, Sequence, Tuple
 
 from distmerge.errors import InputError
-from distmerge.io.storage import Storage, split_url
+from distmerge.io.storage import Storage, s3_error_code, split_url
 
 CHUNK_BYTES = 8 * 2**20
 CONCURRENT_REQUESTS = 8
@@ -46,8 +46,7 @@ def _transient(err: BaseException) -> bool:
 
 
 def _read_error(url: str, a: int, b: int, err: BaseException) -> InputError:
-    text = f"{err} {err.__cause__}"
-    if "PreconditionFailed" in text or "pre-conditions" in text:
+    if s3_error_code(err) == "PreconditionFailed":
         return changed_error(url)
     if isinstance(err, FileNotFoundError):
         return InputError(f"{url}: disappeared during the merge")

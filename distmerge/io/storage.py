@@ -42,6 +42,18 @@ def join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+def s3_error_code(err: BaseException) -> Optional[str]:
+    """The S3 error code ("PreconditionFailed", "NoSuchKey", ...) behind an error s3fs raised
+    (it keeps botocore's error as the cause), or None when it did not come from S3."""
+    seen = 0
+    while err is not None and seen < 8:
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return response["Error"].get("Code")
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def _is_secret(key: str) -> bool:
     lowered = key.lower()
     return lowered in SECRET_KEYS or any(word in lowered for word in ("secret", "token", "password", "credential")) \

@@ -31,6 +31,11 @@ WHAT = {
     "seed": "the random seed (--random-seed or random_seed) changed",
 }
 
+# What a finished checkpoint's index records (under this metadata key) of the merge that
+# made it, so that a batch can tell a request it already merged: the config and inputs.
+INDEX_FINGERPRINTS = "distmerge_fingerprints"
+REQUEST_FINGERPRINTS = ("config", "inputs")
+
 
 class StateFiles(Protocol):
     """Small files next to the output (a `Destination`)."""

@@ -31,7 +31,7 @@ import numpy as np
 from distmerge.errors import MergeFailed, OutputError
 from distmerge.io import checksum
 from distmerge.io.layout import SHARD_FILE, OutputLayout
-from distmerge.io.progress import MANIFEST
+from distmerge.output.resume import MANIFEST
 from distmerge.io.storage import Storage, join
 from distmerge.memory import peak_rss
 

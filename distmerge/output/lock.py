@@ -1,0 +1,249 @@
+"""The output lock: one merge at a time per output, whoever starts it (`merge`, `batch`).
+
+The lock is `.distmerge-lock` inside the output (directory or prefix); it holds who took
+it, so a refused merge can say who holds it.
+
+- Local outputs use `flock` on that file: the kernel releases it when the holder's
+  process dies, so a crash never leaves the output locked.
+- Object storage has no such thing. The lock object is created with a conditional write
+  (`If-None-Match: *`: of two writers, exactly one succeeds) and carries an expiry, which
+  the holder pushes forward while it works (`If-Match` on the ETag it wrote, so a holder
+  that lost the lock finds out). A lock past its expiry belongs to a crashed holder; the
+  next merge takes it over with a conditional write on the expired object's ETag, so of
+  two merges taking over at once exactly one wins.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import getpass
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+from distmerge.errors import OutputError
+from distmerge.io.storage import s3_error_code, split_url
+from distmerge.output.destination import Destination
+
+LOCK_NAME = ".distmerge-lock"
+DEFAULT_TTL = 300.0  # seconds an object-storage lock lives without being renewed
+
+
+class OutputLocked(OutputError):
+    """Another merge holds the output's lock."""
+
+    def __init__(self, url: str, holder: Dict[str, Any]) -> None:
+        self.holder = holder
+        expires = holder.get("expires")
+        until = f"; its lock expires at {_iso(expires)} unless renewed" if isinstance(expires, (int, float)) else ""
+        super().__init__(
+            f"output {url} is being merged by {describe_holder(holder)}{until}. Wait for that merge to "
+            f"finish; if it is gone for good, delete {url.rstrip('/')}/{LOCK_NAME}")
+
+
+def describe_holder(holder: Dict[str, Any]) -> str:
+    """'distmerge batch (user@host, pid 123, since 2026-11-30T08:00:00Z)', from what a lock records."""
+    who = f"{holder.get('user', '?')}@{holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+    since = holder.get("acquired")
+    return (f"{holder.get('purpose', 'another merge')} ({who}"
+            + (f", since {_iso(since)}" if isinstance(since, (int, float)) else "") + ")")
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _holder_record(purpose: str, ttl: Optional[float]) -> Dict[str, Any]:
+    now = time.time()
+    record = {"purpose": purpose, "user": _user(), "host": socket.gethostname(), "pid": os.getpid(),
+              "acquired": now, "token": uuid.uuid4().hex}
+    if ttl is not None:
+        record["expires"] = now + ttl
+    return record
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return str(os.getuid())
+
+
+def _parse(data: Optional[bytes]) -> Dict[str, Any]:
+    try:
+        record = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+class OutputLock:
+    """Held from `acquire` to `release` (or as a context manager)."""
+
+    def __init__(self, destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> None:
+        self.destination = destination
+        self.purpose = purpose
+        self.ttl = ttl
+        self.record: Dict[str, Any] = {}
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def check_held(self) -> None:
+        """Raise if the lock was lost while held (object storage: renewal found another holder)."""
+
+
+class LocalOutputLock(OutputLock):
+    def __init__(self, destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> None:
+        super().__init__(destination, purpose, ttl)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        os.makedirs(self.destination.url, exist_ok=True)
+        path = self.destination.path(LOCK_NAME)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, 1 << 16, 0))
+                os.close(fd)
+                raise OutputLocked(self.destination.url, holder) from None
+            try:  # a holder that released removed the file: our lock is on an orphan inode
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        self.record = _holder_record(self.purpose, None)
+        data = json.dumps(self.record).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.destination.path(LOCK_NAME))  # while still locked: see `acquire`
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+class ObjectOutputLock(OutputLock):
+    ATTEMPTS = 5
+
+    def __init__(self, destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> None:
+        super().__init__(destination, purpose, ttl)
+        self.etag: Optional[str] = None
+        self.lost: Optional[str] = None
+        self._stop = threading.Event()
+        self._renewer: Optional[threading.Thread] = None
+
+    def _key(self) -> Dict[str, str]:
+        bucket, key, _ = self.destination.fs.split_path(self.destination.path(LOCK_NAME))
+        return {"Bucket": bucket, "Key": key}
+
+    def _put(self, record: Dict[str, Any], **condition: str) -> Optional[str]:
+        """PUT the lock under `condition`; its new ETag, or None when the condition failed."""
+        try:
+            answer = self.destination.fs.call_s3("put_object", Body=json.dumps(record).encode(),
+                                                 **self._key(), **condition)
+        except (OSError, ValueError) as err:
+            if s3_error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise
+        return answer["ETag"]
+
+    def _read(self) -> Optional[tuple]:
+        try:
+            answer = self.destination.fs.call_s3("get_object", **self._key())
+        except FileNotFoundError:
+            return None
+        return _parse(answer["Body"].read()), answer["ETag"]
+
+    def acquire(self) -> None:
+        for _ in range(self.ATTEMPTS):
+            record = _holder_record(self.purpose, self.ttl)
+            etag = self._put(record, IfNoneMatch="*")
+            if etag is None:
+                found = self._read()
+                if found is None:
+                    continue  # released in between: try again
+                holder, held_etag = found
+                expires = holder.get("expires")
+                if isinstance(expires, (int, float)) and expires > time.time():
+                    raise OutputLocked(self.destination.url, holder)
+                etag = self._put(record, IfMatch=held_etag)  # a crashed holder's lock: take it over
+                if etag is None:
+                    continue  # someone else took it over first
+            self.record, self.etag = record, etag
+            self._renewer = threading.Thread(target=self._renew_until_released, name="distmerge-lock", daemon=True)
+            self._renewer.start()
+            return
+        raise OutputError(f"output {self.destination.url}: could not take its lock ({LOCK_NAME}) in "
+                          f"{self.ATTEMPTS} attempts; other merges keep taking it")
+
+    def _renew_until_released(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            record = dict(self.record, expires=time.time() + self.ttl)
+            try:
+                etag = self._put(record, IfMatch=self.etag)
+            except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
+                if time.time() > self.record["expires"]:
+                    self.lost = f"renewing it failed until it expired: {err}"
+                    return
+                continue
+            if etag is None:
+                self.lost = "another merge took it over after it expired"
+                return
+            self.record, self.etag = record, etag
+
+    def check_held(self) -> None:
+        if self.lost:
+            raise OutputError(f"output {self.destination.url}: this merge lost its lock ({self.lost}); "
+                              "its work so far is kept: re-run it to resume")
+
+    def release(self) -> None:
+        if self.etag is None:
+            return
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if not self.lost:
+            try:
+                self.destination.fs.call_s3("delete_object", **self._key(), IfMatch=self.etag)
+            except (OSError, ValueError) as err:
+                if s3_error_code(err) != "PreconditionFailed":  # a server without conditional deletes
+                    found = self._read()
+                    if found is not None and found[0].get("token") == self.record.get("token"):
+                        self.destination.fs.call_s3("delete_object", **self._key())
+        self.etag = None
+
+
+def output_lock(destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> OutputLock:
+    """The lock of `destination`: flock locally, conditional writes on S3."""
+    if not destination.remote:
+        return LocalOutputLock(destination, purpose, ttl)
+    if split_url(destination.url)[0] == "s3":
+        return ObjectOutputLock(destination, purpose, ttl)
+    raise OutputError(f"{destination.url}: no lock for {split_url(destination.url)[0]}:// outputs "
+                      "(local paths and s3:// have one)")
