@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import List, Optional
 
 from distmerge.errors import DistmergeError
@@ -18,46 +19,92 @@ examples:
   distmerge plan merge.yml ./out                 validate and show the plan (reads headers only)
   distmerge merge merge.yml ./out                merge on a local Ray started on 127.0.0.1
   distmerge merge merge.yml ./out --address auto --shard-size 10GB
+  distmerge batch s3://bucket/requests/ --report s3://bucket/reports/today.json
+  distmerge submit merge.yml s3://bucket/merged/m1 --address http://HEAD:8265
   distmerge verify ./out --against ./other       check a checkpoint; compare it bit for bit
 """
 
+PLAN, MERGE, BATCH, SUBMIT = "plan", "merge", "batch", "submit"
+RUNS = {MERGE, BATCH, SUBMIT}  # commands that merge (here, or on a cluster through `submit`)
 
-def _add_run_options(p: argparse.ArgumentParser, *, merging: bool) -> None:
-    p.add_argument("--num-workers", type=int, metavar="N",
-                   help="merge tasks run at once (default: CPUs of this machine; on a cluster, the local "
-                        "CPU count unless set)")
-    p.add_argument("--memory-per-worker", metavar="SIZE",
-                   help="working memory one task may use, e.g. 2GiB; bigger tensors are split into row "
-                        "ranges (default: what an interrupted merge being resumed used, else a quarter of this "
-                        "machine's memory shared by the workers, 256 MiB to 1 GiB)")
-    p.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE), metavar="SIZE",
-                   help="largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")
-    p.add_argument("--random-seed", type=_seed, metavar="N",
-                   help="seed of random methods (dare_*, della*), over the config's random_seed; the same seed "
-                        "gives the same bits for any memory budget, worker count or resume (default: the seed of "
-                        "an interrupted merge being resumed, else a fresh one, printed and recorded in the card)")
-    p.add_argument("--storage-options", type=_json_object, metavar="JSON",
-                   help='fsspec options for s3:// (or other remote) URLs, over the config\'s `storage:` '
-                        'section, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; default: the standard '
-                        "AWS environment and credential chain")
-    if merging:
-        p.add_argument("--address", metavar="ADDR",
-                       help="Ray cluster to join: 'auto' (the cluster this machine belongs to) or "
-                            "ray://HOST:10001; default: start a local Ray bound to 127.0.0.1")
-        p.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
-                       help="CPU threads (and Ray CPUs) each merge task uses (default: 1)")
-        p.add_argument("--part-size", default=None, metavar="SIZE",
-                       help="multipart upload part size for s3:// output, 5MiB to 5GiB (default: 64MiB, or "
-                            "what the interrupted merge being resumed used)")
-        p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
-        p.add_argument("--restart", action="store_true",
-                       help="discard an interrupted merge in OUT instead of resuming it")
-        p.add_argument("--allow-nonfinite", action="store_true",
-                       help="merge inputs holding NaN/Inf (default: fail, naming the tensor)")
-        p.add_argument("--check-inputs", action="store_true",
-                       help="read every input once before merging and refuse NaN/Inf before OUT is touched "
-                            "(default: each tensor is checked as it is merged)")
-        p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option, the commands that take it, and whether `submit` forwards it to
+    the command it runs on the cluster."""
+
+    flag: str
+    settings: dict
+    commands: frozenset
+    forwarded: bool = True
+
+
+def _options() -> List[Option]:
+    everywhere = frozenset({PLAN, MERGE, BATCH, SUBMIT})
+    return [
+        Option("--num-workers", dict(type=int, metavar="N", help=(
+            "merge tasks run at once (default: CPUs of this machine; on a cluster, the local CPU count unless "
+            "set)")), everywhere),
+        Option("--memory-per-worker", dict(metavar="SIZE", help=(
+            "working memory one task may use, e.g. 2GiB; bigger tensors are split into row ranges (default: what "
+            "an interrupted merge being resumed used, else a quarter of this machine's memory shared by the "
+            "workers, 256 MiB to 1 GiB)")), everywhere),
+        Option("--shard-size", dict(default=str(DEFAULT_SHARD_SIZE), metavar="SIZE", help=(
+            "largest output shard, e.g. 5GB (decimal) or 4GiB (default: 5GB)")), everywhere),
+        Option("--random-seed", dict(type=_seed, metavar="N", help=(
+            "seed of random methods (dare_*, della*), over the config's random_seed; the same seed gives the "
+            "same bits for any memory budget, worker count or resume (default: the seed of an interrupted merge "
+            "being resumed, else a fresh one, printed and recorded in the card)")), everywhere),
+        Option("--storage-options", dict(type=_json_object, metavar="JSON", help=(
+            "fsspec options for s3:// (or other remote) URLs, over the config's `storage:` section, e.g. "
+            "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'; default: the standard AWS environment and "
+            "credential chain")), everywhere),
+        Option("--address", dict(metavar="ADDR", help=(
+            "Ray cluster to join: 'auto' (the cluster this machine belongs to) or ray://HOST:10001; default: "
+            "start a local Ray bound to 127.0.0.1, even where another Ray runs")), frozenset({MERGE, BATCH}),
+            forwarded=False),
+        Option("--threads-per-worker", dict(type=int, default=1, metavar="N", help=(
+            "CPU threads (and Ray CPUs) each merge task uses (default: 1)")), RUNS),
+        Option("--part-size", dict(default=None, metavar="SIZE", help=(
+            "multipart upload part size for s3:// output, 5MiB to 5GiB (default: 64MiB, or what the "
+            "interrupted merge being resumed used)")), RUNS),
+        Option("--overwrite", dict(action="store_true", help="replace a checkpoint already in the output"), RUNS),
+        Option("--restart", dict(action="store_true", help=(
+            "discard an interrupted merge in the output instead of resuming it")), RUNS),
+        Option("--allow-nonfinite", dict(action="store_true", help=(
+            "merge inputs holding NaN/Inf (default: fail, naming the tensor)")), RUNS),
+        Option("--check-inputs", dict(action="store_true", help=(
+            "read every input once before merging and refuse NaN/Inf before the output is touched (default: "
+            "each tensor is checked as it is merged)")), RUNS),
+        Option("--no-progress", dict(action="store_true", help="do not show the progress bar"),
+               frozenset({MERGE}), forwarded=False),
+        Option("--report", dict(metavar="URL", help=(
+            "write a JSON report here (a local path or s3://...): per request its output, status, error, "
+            "seconds and bytes read and written")), frozenset({BATCH, SUBMIT})),
+        Option("--parallel", dict(type=int, default=1, metavar="N", help=(
+            "requests merged at once, within the same Ray (default: 1)")), frozenset({BATCH, SUBMIT})),
+    ]
+
+
+def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    for option in _options():
+        if command in option.commands:
+            p.add_argument(option.flag, **option.settings)
+
+
+def forwarded_arguments(args: argparse.Namespace, command: str) -> List[str]:
+    """The options of `args` that `command` takes (merge or batch), as arguments again: what
+    `submit` passes on to the command it runs on the cluster. Defaults are left out."""
+    arguments: List[str] = []
+    for option in _options():
+        if not option.forwarded or command not in option.commands:
+            continue
+        value = getattr(args, option.flag[2:].replace("-", "_"), None)
+        if option.settings.get("action") == "store_true":
+            arguments += [option.flag] if value else []
+        elif value is not None and value != option.settings.get("default"):
+            arguments += [option.flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return arguments
 
 
 def _seed(text: str) -> int:
@@ -93,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "interrupted run of the same merge, it is resumed.")
     p.add_argument("config", metavar="CONFIG", help="mergekit-style YAML merge config")
     p.add_argument("out", metavar="OUT", help="output directory (or s3://bucket/prefix) for the merged checkpoint")
-    _add_run_options(p, merging=True)
+    _add_options(p, MERGE)
 
     p = sub.add_parser("plan", help="validate a config and show the merge plan",
                        description="Read only the inputs' headers; print the work units, bytes to read, "
@@ -102,7 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory (only checked, not written)")
     p.add_argument("--units", action="store_true",
                    help="list every work unit: its tensors or row range, bytes, peak memory estimate")
-    _add_run_options(p, merging=False)
+    _add_options(p, PLAN)
+
+    p = sub.add_parser("batch", help="merge every request under a prefix that is not merged yet",
+                       description="Merge each request file (*.yml, *.yaml: a mergekit config with one more key, "
+                       "`output: URL`) directly under SOURCE, in name order: skipped if its output already holds "
+                       "this merge, resumed if interrupted, merged otherwise; failed (with the error) without "
+                       "stopping the others; locked if another merge holds its output. Exit status 1 if any "
+                       "request failed.")
+    p.add_argument("source", metavar="SOURCE", help="directory or prefix (s3://bucket/requests/) of request files")
+    _add_options(p, BATCH)
+
+    p = sub.add_parser("submit", help="run a merge (or a batch) as a job on a Ray cluster",
+                       description="Submit `distmerge merge CONFIG OUT` (or, with --batch, `distmerge batch "
+                       "SOURCE`) through the Ray Jobs API of the cluster at --address, follow its logs, and exit "
+                       "with its status. The config travels with the job. Submitting the same merge again "
+                       "attaches to its job instead of starting another.")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="mergekit-style YAML merge config")
+    p.add_argument("out", metavar="OUT", nargs="?",
+                   help="output as the cluster sees it: s3://bucket/prefix, or a path on the cluster's head")
+    p.add_argument("--batch", metavar="SOURCE", help="submit `distmerge batch SOURCE` instead of one merge")
+    p.add_argument("--address", metavar="URL",
+                   default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                   help="the cluster's job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, "
+                        "else $RAY_ADDRESS)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return, without following the job")
+    p.add_argument("--retry", action="store_true",
+                   help="if this merge's job failed or was stopped, delete it and submit the merge again")
+    p.add_argument("--submission-id", metavar="ID", help="the job's submission id (--batch only; default: new)")
+    _add_options(p, SUBMIT)
 
     p = sub.add_parser("verify", help="check a merged checkpoint (and optionally compare it with another)",
                        description="Check OUT's index against its shards: every tensor present, offsets and sizes "
@@ -131,6 +206,49 @@ def _merge(args: argparse.Namespace) -> int:
                     check_inputs=args.check_inputs, random_seed=args.random_seed)
     print(summary.format())
     return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from distmerge.batch import run_batch
+    from distmerge.job import MergeOptions
+
+    options = MergeOptions(address=args.address, num_workers=args.num_workers, shard_size=args.shard_size,
+                           memory_per_worker=args.memory_per_worker, overwrite=args.overwrite,
+                           threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
+                           part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart,
+                           check_inputs=args.check_inputs, random_seed=args.random_seed)
+
+    def show(result) -> None:
+        line = f"{result.status:8} {result.request}"
+        if result.output:
+            line += f" -> {result.output}"
+        line += f" ({result.seconds:.1f} s)"
+        if result.error:
+            line += f"\n         {result.error}"
+        print(line, flush=True)
+
+    report = run_batch(args.source, options, parallel=args.parallel, report_url=args.report, on_result=show)
+    print(report.format())
+    return 1 if report.failed else 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from distmerge.submit import SubmitError, batch_request, merge_request, submit
+
+    if not args.address:
+        raise SubmitError("submit needs the cluster's job server: --address http://HEAD:8265 "
+                          "(or RAY_API_SERVER_ADDRESS)")
+    if args.batch:
+        if args.config or args.out:
+            raise SubmitError("submit takes either CONFIG OUT (one merge) or --batch SOURCE, not both")
+        request = batch_request(args.batch, forwarded_arguments(args, BATCH), args.submission_id)
+    else:
+        if not (args.config and args.out):
+            raise SubmitError("submit needs CONFIG and OUT (one merge), or --batch SOURCE")
+        if args.submission_id:
+            raise SubmitError("--submission-id is for --batch; a merge's id comes from its config, inputs and OUT")
+        request = merge_request(args.config, args.out, forwarded_arguments(args, MERGE))
+    return submit(request, args.address, wait=not args.no_wait, retry=args.retry)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -177,12 +295,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if not getattr(args, "address", None):
+    if args.command != "submit" and not getattr(args, "address", None):
         from distmerge.engine.session import force_loopback
 
         force_loopback()  # before anything imports Ray
     try:
-        return {"merge": _merge, "plan": _plan, "verify": _verify, "demo": _demo}[args.command](args)
+        commands = {"merge": _merge, "plan": _plan, "batch": _batch, "submit": _submit, "verify": _verify,
+                    "demo": _demo}
+        return commands[args.command](args)
     except DistmergeError as err:
         print(f"distmerge: error: {err}", file=sys.stderr)
         return 2

@@ -235,10 +235,13 @@ def layer_position(tensor_name: str, num_layers: int) -> float:
     return int(match.group(1)) / (num_layers - 1)
 
 
-def load_config(path_or_text: str, *, is_text: bool = False) -> MergeConfig:
-    """Parse and validate a merge config from a YAML file (or text with is_text=True)."""
+def load_config(path_or_text: str, *, is_text: bool = False, source: Optional[str] = None,
+                base_dir: Optional[str] = None) -> MergeConfig:
+    """Parse and validate a merge config from a YAML file (or text with is_text=True: then
+    errors name `source`, and relative model paths are under `base_dir`, default the
+    working directory)."""
     if is_text:
-        source, text, config_dir = "<config>", path_or_text, os.getcwd()
+        source, text, config_dir = source or "<config>", path_or_text, base_dir or os.getcwd()
     else:
         source = str(path_or_text)
         try:

@@ -172,15 +172,25 @@ class MergeJob:
 
     # -- open ------------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Take the output's lock and raise every refusal (clobbering a checkpoint, an
-        interrupted merge of another plan, too little space) without changing anything."""
+    def acquire_lock(self) -> None:
+        """Take the output's lock (raises `OutputLocked`, naming the holder); idempotent."""
+        if self.lock is None:
+            lock = output_lock(self.destination, self.purpose)
+            lock.acquire()
+            self.lock = lock
+
+    def check(self) -> None:
+        """Raise every refusal (clobbering a checkpoint, an interrupted merge of another plan,
+        too little space) without changing anything; note whether this run resumes one."""
         plan = self.plan or self.make_plan()
-        self.lock = output_lock(self.destination, self.purpose)
-        self.lock.acquire()
+        interrupted = self.destination.check(self.options.overwrite, plan, self.options.restart, self.part_size)
+        self.resumed = interrupted and not self.options.restart
+
+    def open(self) -> None:
+        """Take the output's lock and check the destination (the lock is let go on a refusal)."""
+        self.acquire_lock()
         try:
-            self.resumed = self.destination.check(self.options.overwrite, plan, self.options.restart,
-                                                  self.part_size) and not self.options.restart
+            self.check()
         except BaseException:
             self.close()
             raise

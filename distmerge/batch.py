@@ -1,0 +1,228 @@
+"""`distmerge batch`: merge every request under a prefix, each at most once.
+
+A request is a mergekit config (YAML, `*.yml`/`*.yaml`) with one more top-level key,
+`output: URL`. Requests are taken in name order; each ends as one of:
+
+- skipped: its output is a finished checkpoint of this request (the index records the
+  fingerprints of the config and of the inputs' versions, and they match);
+- resumed: an interrupted merge of it was there and has been finished;
+- merged: merged from scratch;
+- failed: a bad request, a missing input, a refused destination or a failed merge
+  (the error is reported; the other requests go on);
+- locked: another merge (another batch, a cron tick that overlaps) holds its output.
+
+Nothing heavy happens for a request that is skipped: the batch reads the request, the
+inputs' headers and the output's index, and starts Ray only if something is to merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import posixpath
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import yaml
+
+from distmerge import __version__
+from distmerge.config import MergeConfig, load_config
+from distmerge.engine.session import ray_session
+from distmerge.errors import ConfigError, DistmergeError
+from distmerge.io.storage import Storage, is_remote, join
+from distmerge.job import MergeJob, MergeOptions
+from distmerge.output.lock import OutputLocked
+
+STATUSES = ("skipped", "resumed", "merged", "failed", "locked")
+REQUEST_SUFFIXES = (".yml", ".yaml")
+PURPOSE = "distmerge batch"
+
+
+@dataclass
+class RequestResult:
+    request: str
+    output: Optional[str] = None
+    status: str = "failed"
+    error: Optional[str] = None
+    seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class BatchReport:
+    source: str
+    started: str
+    finished: str = ""
+    requests: List[RequestResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(r.status == "failed" for r in self.requests)
+
+    def counts(self) -> Dict[str, int]:
+        return {status: sum(r.status == status for r in self.requests) for status in STATUSES}
+
+    def to_json(self) -> dict:
+        return {"distmerge_version": __version__, "source": self.source, "started": self.started,
+                "finished": self.finished, "counts": self.counts(),
+                "requests": [dataclasses.asdict(r) for r in self.requests]}
+
+    def format(self) -> str:
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts().items() if n)
+        return f"batch {self.source}: {len(self.requests)} request(s): {counts or 'none'}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def list_requests(source: str, storage: Storage) -> List[str]:
+    """The request files directly under `source` (a directory or prefix), in name order."""
+    if not is_remote(source):
+        if not os.path.isdir(source):
+            raise ConfigError(f"{source}: no such directory of merge requests")
+        names = [n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n))]
+        return [os.path.join(os.path.abspath(source), n) for n in sorted(names) if n.endswith(REQUEST_SUFFIXES)]
+    fs = storage.filesystem(source)
+    try:
+        entries = fs.ls(source.rstrip("/"), detail=True, refresh=True)
+    except FileNotFoundError:
+        entries = []
+    names = sorted(posixpath.basename(e["name"]) for e in entries if e.get("type") == "file")
+    return [join(source.rstrip("/"), n) for n in names if n.endswith(REQUEST_SUFFIXES)]
+
+
+def _read(url: str, storage: Storage) -> bytes:
+    if not is_remote(url):
+        with open(url, "rb") as f:
+            return f.read()
+    return storage.filesystem(url).cat_file(url)
+
+
+def load_request(url: str, text: str) -> Tuple[MergeConfig, str]:
+    """(The config, the output) of a request file; errors name the request file."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{url}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{url}: a merge request is a mergekit config (a mapping) with an 'output' key")
+    output = raw.pop("output", None)
+    if not isinstance(output, str) or not output.strip():
+        raise ConfigError(f"{url}: key 'output': is required: where this request's checkpoint goes "
+                          "(a local directory or an s3:// prefix)")
+    base_dir = os.path.dirname(url) if not is_remote(url) else None
+    if not is_remote(output) and not os.path.isabs(os.path.expanduser(output)):
+        output = os.path.join(base_dir or os.getcwd(), output)
+    config = load_config(yaml.safe_dump(raw, sort_keys=False), is_text=True, source=url, base_dir=base_dir)
+    return config, output
+
+
+class Batch:
+    """One pass over a request prefix. `run` returns the report (and writes it, if asked)."""
+
+    def __init__(self, source: str, options: MergeOptions = MergeOptions(), parallel: int = 1,
+                 report_url: Optional[str] = None, on_result: Callable[[RequestResult], None] = lambda r: None) -> None:
+        self.source = source
+        self.options = dataclasses.replace(options, progress=False)
+        self.parallel = max(1, parallel)
+        self.report_url = report_url
+        self.storage = Storage(dict(options.storage_options or {}))
+        self.on_result = on_result
+        self._lock = threading.Lock()
+
+    def run(self) -> BatchReport:
+        report = BatchReport(self.source, _now())
+        to_merge = []
+        for url in list_requests(self.source, self.storage):
+            result, job = self._prepare(url)
+            report.requests.append(result)
+            if job is None:
+                self.on_result(result)
+            else:
+                to_merge.append((result, job))
+        if to_merge:
+            store = min(sum(sorted((j.object_store_bytes() for _, j in to_merge), reverse=True)[:self.parallel]),
+                        8 * 2**30)
+            workers = to_merge[0][1].workers
+            with ray_session(self.options.address, workers, store):
+                with ThreadPoolExecutor(self.parallel, thread_name_prefix="distmerge-batch") as pool:
+                    for _ in pool.map(lambda item: self._merge(*item), to_merge):
+                        pass
+        report.finished = _now()
+        if self.report_url:
+            self._write_report(report)
+        return report
+
+    def _prepare(self, url: str):
+        """Read and plan a request (headers only): (its result so far, the job, or None when
+        nothing is left to do: skipped, or failed already)."""
+        started = time.perf_counter()
+        result = RequestResult(request=url)
+        try:
+            config, result.output = load_request(url, _read(url, self.storage).decode("utf-8"))
+            job = MergeJob(config, result.output, self.options, purpose=PURPOSE)
+            job.make_plan()
+            if job.is_done():
+                result.status = "skipped"
+                job = None
+        except (DistmergeError, OSError, UnicodeDecodeError) as err:
+            result.status, result.error, job = "failed", _message(err), None
+        result.seconds = time.perf_counter() - started
+        return result, job
+
+    def _merge(self, result: RequestResult, job: MergeJob) -> None:
+        started = time.perf_counter() - result.seconds
+        try:
+            job.acquire_lock()
+        except OutputLocked as err:
+            result.status, result.error = "locked", str(err)
+        except (DistmergeError, OSError) as err:
+            result.status, result.error = "failed", _message(err)
+        else:
+            try:
+                if job.is_done():  # finished by another batch between the plan and the lock
+                    result.status = "skipped"
+                else:
+                    summary = job.execute()
+                    result.status = "resumed" if job.resumed else "merged"
+                    result.bytes_read, result.bytes_written = summary.read_bytes, summary.written_bytes
+            except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
+                result.status, result.error = "failed", _message(err)
+            finally:
+                job.close()
+        result.seconds = time.perf_counter() - started
+        with self._lock:
+            self.on_result(result)
+
+    def _write_report(self, report: BatchReport) -> None:
+        data = (json.dumps(report.to_json(), indent=2) + "\n").encode()
+        if is_remote(self.report_url):
+            self.storage.filesystem(self.report_url).pipe_file(self.report_url, data)
+            return
+        directory = os.path.dirname(os.path.abspath(self.report_url))
+        os.makedirs(directory, exist_ok=True)
+        tmp = self.report_url + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.report_url)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, DistmergeError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def run_batch(source: str, options: MergeOptions = MergeOptions(), parallel: int = 1,
+              report_url: Optional[str] = None, on_result: Callable[[RequestResult], None] = lambda r: None
+              ) -> BatchReport:
+    """Merge every request under `source` that is not merged yet; see the module docstring."""
+    return Batch(source, options, parallel, report_url, on_result).run()
+
