@@ -183,7 +183,7 @@ class Batch:
             job.acquire_lock()
         except OutputLocked as err:
             result.status, result.error = "locked", str(err)
-        except (DistmergeError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
             result.status, result.error = "failed", _message(err)
         else:
             try:

@@ -26,6 +26,8 @@ import time
 import uuid
 from typing import Any, Dict, Optional
 
+from fsspec.asyn import sync
+
 from distmerge.errors import OutputError
 from distmerge.io.storage import s3_error_code, split_url
 from distmerge.output.destination import Destination
@@ -174,11 +176,18 @@ class ObjectOutputLock(OutputLock):
         return answer["ETag"]
 
     def _read(self) -> Optional[tuple]:
+        """(The lock's record, its ETag) read in one request, or None when there is no lock."""
+        fs = self.destination.fs
+
+        async def get() -> tuple:
+            answer = await fs._call_s3("get_object", **self._key())
+            return await answer["Body"].read(), answer["ETag"]
+
         try:
-            answer = self.destination.fs.call_s3("get_object", **self._key())
+            data, etag = sync(fs.loop, get)
         except FileNotFoundError:
             return None
-        return _parse(answer["Body"].read()), answer["ETag"]
+        return _parse(data), etag
 
     def acquire(self) -> None:
         for _ in range(self.ATTEMPTS):
