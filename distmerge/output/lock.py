@@ -213,18 +213,23 @@ class ObjectOutputLock(OutputLock):
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.ttl / 4):
-            record = dict(self.record, expires=time.time() + self.ttl)
             try:
-                etag = self._put(record, IfMatch=self.etag)
+                if not self.renew():
+                    return
             except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
                 if time.time() > self.record["expires"]:
                     self.lost = f"renewing it failed until it expired: {err}"
                     return
-                continue
-            if etag is None:
-                self.lost = "another merge took it over after it expired"
-                return
-            self.record, self.etag = record, etag
+
+    def renew(self) -> bool:
+        """Push the expiry forward; False (and the lock marked lost) if another merge took it."""
+        record = dict(self.record, expires=time.time() + self.ttl)
+        etag = self._put(record, IfMatch=self.etag)
+        if etag is None:
+            self.lost = "another merge took it over after it expired"
+            return False
+        self.record, self.etag = record, etag
+        return True
 
     def check_held(self) -> None:
         if self.lost:
