@@ -126,13 +126,16 @@ def test_changed_request_is_not_skipped(ray_local, paths, tmp_path):
     assert run_batch(str(requests), OPTIONS).requests[0].status == "skipped"
 
 
-def test_batch_cli_exit_status_and_output(paths, tmp_path):
-    """The command as cron runs it: its own local Ray, one line per request, exit 1 on a failure."""
+def test_batch_cli_exit_status_and_output(ray_local, paths, tmp_path):
+    """The command as cron runs it: one line per request, exit 1 on a failure, and its own
+    local Ray although another Ray runs on this machine (the tests' own) and RAY_ADDRESS
+    names one that is gone."""
     requests = tmp_path / "requests"
     requests.mkdir()
     _request(requests, "good.yml", _config(paths, 0.5), str(tmp_path / "good"))
     (requests / "zz-bad.yml").write_text("merge_method: ties\nmodels: [\n")
     cmd, env = cli_command("batch", str(requests), "--num-workers", "2", "--report", str(tmp_path / "r.json"))
+    env["RAY_ADDRESS"] = "127.0.0.1:1"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "merged   " in proc.stdout and "failed   " in proc.stdout and "not valid YAML" in proc.stdout

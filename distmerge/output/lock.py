@@ -15,6 +15,7 @@ it, so a refused merge can say who holds it.
 
 from __future__ import annotations
 
+import abc
 import datetime
 import fcntl
 import getpass
@@ -84,7 +85,7 @@ def _parse(data: Optional[bytes]) -> Dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-class OutputLock:
+class OutputLock(abc.ABC):
     """Held from `acquire` to `release` (or as a context manager)."""
 
     def __init__(self, destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> None:
@@ -100,11 +101,13 @@ class OutputLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    @abc.abstractmethod
     def acquire(self) -> None:
-        raise NotImplementedError
+        """Take the lock, or raise `OutputLocked` naming the holder."""
 
+    @abc.abstractmethod
     def release(self) -> None:
-        raise NotImplementedError
+        """Let the lock go (a no-op when not held)."""
 
     def check_held(self) -> None:
         """Raise if the lock was lost while held (object storage: renewal found another holder)."""
