@@ -42,25 +42,26 @@ def model_factory(tmp_path_factory):
 
 
 class S3Endpoint:
-    """moto's S3 server on 127.0.0.1 with a counting, fault-injecting proxy in front."""
+    """A real S3 server on 127.0.0.1 (SeaweedFS, tests/seaweed.py) with a counting,
+    fault-injecting proxy in front (tests/s3util.py). `.url`/`.options` go through the
+    proxy (what the code under test uses); `.direct`, `filesystem()` and `client()` go
+    straight to the server (test set-up and checks, neither counted nor faulted)."""
 
     def __init__(self) -> None:
-        import logging
+        from s3util import S3Proxy
+        from seaweed import SeaweedS3
 
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-        from s3util import S3Proxy, free_port
-
-        self.moto_port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
-        self.server.start()
-        self.proxy = S3Proxy(self.moto_port)
+        self.server = SeaweedS3()
+        try:
+            self.proxy = S3Proxy(self.server.ports["s3.port"])
+        except BaseException:
+            self.server.stop()
+            raise
+        self.key, self.secret = self.server.key, self.server.secret
         self.url = f"http://127.0.0.1:{self.proxy.port}"
-        self.options = {"endpoint_url": self.url, "key": "testing", "secret": "testing",
-                        "client_kwargs": {"region_name": "us-east-1"}}
-        self.direct = {**self.options, "endpoint_url": f"http://127.0.0.1:{self.moto_port}"}
+        self.options = {"endpoint_url": self.url, "key": self.key, "secret": self.secret,
+                        "client_kwargs": {"region_name": self.server.region}}
+        self.direct = {**self.options, "endpoint_url": self.server.url}
 
     def filesystem(self, direct: bool = True):
         import s3fs
@@ -68,14 +69,13 @@ class S3Endpoint:
         return s3fs.S3FileSystem(skip_instance_cache=True, **(self.direct if direct else self.options))
 
     def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.direct["endpoint_url"], aws_access_key_id="testing",
-                            aws_secret_access_key="testing", region_name="us-east-1")
+        return self.server.client()
 
     def close(self) -> None:
-        self.proxy.close()
-        self.server.stop()
+        try:
+            self.proxy.close()
+        finally:
+            self.server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A real S3 endpoint for tests: moto's server on 127.0.0.1, behind a small proxy that
+"""A small proxy in front of the tests' real S3 server (SeaweedFS, tests/seaweed.py) that
 counts the object bytes served and can inject faults (both on loopback only)."""
 
 from __future__ import annotations
@@ -14,14 +14,8 @@ TRUNCATE = "truncate"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class S3Proxy:
-    """Forwards every request to the moto server; counts GET body bytes; optional fault hook.
+    """Forwards every request to the S3 server at `upstream_port`; counts GET body bytes; optional fault hook.
 
     `fault(method, path, headers)` may return (status, body) to answer instead of S3,
     DROP to close the connection without answering (after reading the request), or

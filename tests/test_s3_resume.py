@@ -148,7 +148,7 @@ def test_multipart_state_is_recovered_part_by_part(s3):
     from distmerge.errors import DistmergeError
     from distmerge.io import checksum
     from distmerge.io.layout import OutputLayout, OutputShard
-    from distmerge.io.multipart import MultipartShardWriter, recover_uploads
+    from distmerge.output.multipart import MultipartShardWriter, recover_uploads
     from s3util import error_xml
 
     part = 5 * 2**20
