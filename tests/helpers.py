@@ -17,7 +17,9 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from distmerge.io.layout import INDEX_NAME
 from distmerge.methods import topk
+from distmerge.output.resume import INDEX_FINGERPRINTS, REQUEST_FINGERPRINTS
 
 BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -38,10 +40,16 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
 
 
 def shard_bytes(path: str) -> Dict[str, bytes]:
-    """Every output file that defines the checkpoint, as raw bytes."""
+    """Every output file that defines the checkpoint, as raw bytes. The index's record of
+    where the merge came from (fingerprints of the config and of the inputs' paths and
+    versions) is left out: merges of the same models from elsewhere differ only there."""
     names = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    names.append(os.path.join(path, "model.safetensors.index.json"))
-    return {os.path.basename(n): open(n, "rb").read() for n in names}
+    files = {os.path.basename(n): open(n, "rb").read() for n in names}
+    with open(os.path.join(path, INDEX_NAME), "rb") as f:
+        index = json.loads(f.read())
+    assert set(index["metadata"].pop(INDEX_FINGERPRINTS)) == set(REQUEST_FINGERPRINTS)
+    files[INDEX_NAME] = json.dumps(index, sort_keys=True).encode()
+    return files
 
 
 def run_mergekit(config_path: str, out_path: str, stable: bool = True) -> Dict[str, torch.Tensor]:

@@ -8,9 +8,10 @@ it, so a refused merge can say who holds it.
 - Object storage has no such thing. The lock object is created with a conditional write
   (`If-None-Match: *`: of two writers, exactly one succeeds) and carries an expiry, which
   the holder pushes forward while it works (`If-Match` on the ETag it wrote, so a holder
-  that lost the lock finds out). A lock past its expiry belongs to a crashed holder; the
-  next merge takes it over with a conditional write on the expired object's ETag, so of
-  two merges taking over at once exactly one wins.
+  that lost the lock finds out). A lock past its expiry belongs to a crashed holder, and
+  so does one whose holder ran on this machine and has exited; the next merge takes it
+  over with a conditional write on the stale object's ETag, so of two merges taking over
+  at once exactly one wins.
 """
 
 from __future__ import annotations
@@ -64,10 +65,31 @@ def _iso(seconds: float) -> str:
 def _holder_record(purpose: str, ttl: Optional[float]) -> Dict[str, Any]:
     now = time.time()
     record = {"purpose": purpose, "user": _user(), "host": socket.gethostname(), "pid": os.getpid(),
-              "acquired": now, "token": uuid.uuid4().hex}
+              "process_started": _process_started(os.getpid()), "acquired": now, "token": uuid.uuid4().hex}
     if ttl is not None:
         record["expires"] = now + ttl
     return record
+
+
+def _process_started(pid: int) -> Optional[float]:
+    """When process `pid` started (None if there is none): with the pid, it names one process."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def holder_is_gone(holder: Dict[str, Any]) -> bool:
+    """Whether the lock's holder ran on this machine and has exited: its lock is stale at
+    once, so re-running a merge killed here need not wait for the expiry. (A holder on
+    another machine can only be known gone by its lock's expiry.)"""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    started = _process_started(holder["pid"])
+    recorded = holder.get("process_started")
+    return started is None or (isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0)
 
 
 def _user() -> str:
@@ -202,7 +224,7 @@ class ObjectOutputLock(OutputLock):
                     continue  # released in between: try again
                 holder, held_etag = found
                 expires = holder.get("expires")
-                if isinstance(expires, (int, float)) and expires > time.time():
+                if isinstance(expires, (int, float)) and expires > time.time() and not holder_is_gone(holder):
                     raise OutputLocked(self.destination.url, holder)
                 etag = self._put(record, IfMatch=held_etag)  # a crashed holder's lock: take it over
                 if etag is None:
