@@ -17,6 +17,7 @@ inputs' headers and the output's index, and starts Ray only if something is to m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -24,7 +25,7 @@ import os
 import posixpath
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -34,7 +35,7 @@ from distmerge import __version__
 from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import ray_session
 from distmerge.errors import ConfigError, DistmergeError
-from distmerge.io.storage import Storage, is_remote, join
+from distmerge.io.storage import Storage, is_remote, join, split_url
 from distmerge.job import MergeJob, MergeOptions
 from distmerge.output.lock import OutputLocked
 
@@ -118,8 +119,10 @@ def load_request(url: str, text: str) -> Tuple[MergeConfig, str]:
         raise ConfigError(f"{url}: key 'output': is required: where this request's checkpoint goes "
                           "(a local directory or an s3:// prefix)")
     base_dir = os.path.dirname(url) if not is_remote(url) else None
-    if not is_remote(output) and not os.path.isabs(os.path.expanduser(output)):
-        output = os.path.join(base_dir or os.getcwd(), output)
+    if not is_remote(output):
+        output = os.path.expanduser(split_url(output)[1])
+        if not os.path.isabs(output):
+            output = os.path.join(base_dir or os.getcwd(), output)
     config = load_config(yaml.safe_dump(raw, sort_keys=False), is_text=True, source=url, base_dir=base_dir)
     return config, output
 
@@ -139,26 +142,70 @@ class Batch:
 
     def run(self) -> BatchReport:
         report = BatchReport(self.source, _now())
-        to_merge = []
+        try:
+            to_merge = self._plan_all(report)
+            if to_merge:
+                self._merge_all(to_merge)
+        finally:
+            report.finished = _now()
+            if self.report_url:
+                self._write_report(report)
+        return report
+
+    def _plan_all(self, report: BatchReport) -> List[Tuple[RequestResult, MergeJob]]:
+        """Read and plan every request (headers only); the ones left to merge, with their jobs."""
+        prepared = []
         for url in list_requests(self.source, self.storage):
             result, job = self._prepare(url)
             report.requests.append(result)
+            prepared.append((result, job))
+        by_output: Dict[str, List[RequestResult]] = {}
+        for result, job in prepared:
+            if job is not None:
+                by_output.setdefault(job.destination.url, []).append(result)
+        to_merge = []
+        for result, job in prepared:
+            sharing = by_output.get(job.destination.url, []) if job is not None else []
+            if len(sharing) > 1:
+                others = ", ".join(r.request for r in sharing if r is not result)
+                result.status, result.error, job = "failed", (
+                    f"{result.request}: output {result.output} is also the output of {others}; "
+                    "give each request its own output"), None
             if job is None:
                 self.on_result(result)
             else:
+                result.error = "not run: the batch ended before this request's turn"
                 to_merge.append((result, job))
-        if to_merge:
-            store = min(sum(sorted((j.object_store_bytes() for _, j in to_merge), reverse=True)[:self.parallel]),
-                        8 * 2**30)
-            workers = to_merge[0][1].workers
-            with ray_session(self.options.address, workers, store):
-                with ThreadPoolExecutor(self.parallel, thread_name_prefix="distmerge-batch") as pool:
-                    for _ in pool.map(lambda item: self._merge(*item), to_merge):
-                        pass
-        report.finished = _now()
-        if self.report_url:
-            self._write_report(report)
-        return report
+        return to_merge
+
+    def _merge_all(self, to_merge: List[Tuple[RequestResult, MergeJob]]) -> None:
+        """Merge in one Ray session: in this thread, or `parallel` at a time in threads (an
+        interruption then interrupts every running merge, which keeps its work for a resume)."""
+        store = min(sum(sorted((j.object_store_bytes() for _, j in to_merge), reverse=True)[:self.parallel]),
+                    8 * 2**30)
+        with contextlib.ExitStack() as session:
+            try:
+                session.enter_context(ray_session(self.options.address, to_merge[0][1].workers, store))
+            except Exception as err:  # noqa: BLE001 - reported per request; the report is still written
+                for result, _ in to_merge:
+                    result.status, result.error = "failed", f"Ray could not be started or joined: {_message(err)}"
+                    self.on_result(result)
+                return
+            if self.parallel == 1:
+                for item in to_merge:
+                    self._merge(*item)
+                return
+            with ThreadPoolExecutor(self.parallel, thread_name_prefix="distmerge-batch") as pool:
+                futures = [pool.submit(self._merge, *item) for item in to_merge]
+                try:
+                    wait(futures)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    for _, job in to_merge:
+                        job.cancel.set()
+                    wait(futures)
+                    raise
 
     def _prepare(self, url: str):
         """Read and plan a request (headers only): (its result so far, the job, or None when
@@ -172,34 +219,45 @@ class Batch:
             if job.is_done():
                 result.status = "skipped"
                 job = None
-        except (DistmergeError, OSError, UnicodeDecodeError) as err:
+        except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
             result.status, result.error, job = "failed", _message(err), None
         result.seconds = time.perf_counter() - started
         return result, job
 
     def _merge(self, result: RequestResult, job: MergeJob) -> None:
+        """Run one request's merge, recording how it ended (one request's failure does not
+        stop the others; an interruption is recorded, then goes on up)."""
         started = time.perf_counter() - result.seconds
+        try:
+            self._run_request(result, job)
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            result.status, result.error = "failed", _message(err)
+        except BaseException as err:
+            result.status, result.error = "failed", f"interrupted ({_message(err)}); re-run the batch to resume it"
+            raise
+        finally:
+            result.seconds = time.perf_counter() - started
+            with self._lock:
+                self.on_result(result)
+
+    @staticmethod
+    def _run_request(result: RequestResult, job: MergeJob) -> None:
+        result.error = None
         try:
             job.acquire_lock()
         except OutputLocked as err:
             result.status, result.error = "locked", str(err)
-        except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
-            result.status, result.error = "failed", _message(err)
-        else:
-            try:
-                if job.is_done():  # finished by another batch between the plan and the lock
-                    result.status = "skipped"
-                else:
-                    summary = job.execute()
-                    result.status = "resumed" if job.resumed else "merged"
-                    result.bytes_read, result.bytes_written = summary.read_bytes, summary.written_bytes
-            except Exception as err:  # noqa: BLE001 - one request's failure must not stop the others
-                result.status, result.error = "failed", _message(err)
-            finally:
-                job.close()
-        result.seconds = time.perf_counter() - started
-        with self._lock:
-            self.on_result(result)
+            return
+        try:
+            job.make_plan()  # again, under the lock: what is there now is what counts
+            if job.is_done():  # finished by another merge between the first plan and the lock
+                result.status = "skipped"
+                return
+            summary = job.execute()
+            result.status = "resumed" if job.resumed else "merged"
+            result.bytes_read, result.bytes_written = summary.read_bytes, summary.written_bytes
+        finally:
+            job.close()
 
     def _write_report(self, report: BatchReport) -> None:
         data = (json.dumps(report.to_json(), indent=2) + "\n").encode()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -246,7 +248,9 @@ def _submit(args: argparse.Namespace) -> int:
         if not (args.config and args.out):
             raise SubmitError("submit needs CONFIG and OUT (one merge), or --batch SOURCE")
         if args.submission_id:
-            raise SubmitError("--submission-id is for --batch; a merge's id comes from its config, inputs and OUT")
+            raise SubmitError("--submission-id is for --batch; a merge's id comes from its config, OUT and options")
+        if args.report or args.parallel != 1:
+            raise SubmitError("--report and --parallel are options of a batch (--batch SOURCE), not of one merge")
         request = merge_request(args.config, args.out, forwarded_arguments(args, MERGE))
     return submit(request, args.address, wait=not args.no_wait, retry=args.retry)
 
@@ -293,8 +297,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the command as Ctrl-C would, through its cleanup (the output lock is let
+    go, an interrupted merge keeps what is durable); Ray installs the same once it runs."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command != "submit" and not getattr(args, "address", None):
         from distmerge.engine.session import force_loopback
 

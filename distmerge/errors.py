@@ -38,3 +38,8 @@ class OutputFull(OutputError):
 def out_of_space(where: str, err: OSError) -> OutputFull:
     return OutputFull(f"{where}: no space left on the output's filesystem ({err.strerror}); what is written so "
                       "far is kept: free space and re-run the same merge to resume it")
+
+
+class LockLost(OutputError):
+    """Another merge took this merge's output lock (it could not renew it in time); this
+    merge stops without committing and keeps its work for a resume."""

@@ -6,22 +6,24 @@
 
 `plan` reads headers only. `open` takes the output's lock and refuses what would clobber
 or not fit before Ray starts; the destination is only changed once the run starts (after
-the optional input check). A failed run removes what it wrote; an interrupted one (Ctrl-C,
-SIGTERM, a full disk, a writer that could not be replaced) keeps what is durable, so
-running the same merge again resumes it.
+the optional input check). A failed run (a bad input, a unit that kept failing, storage
+refusing the output) removes what it wrote; an interrupted one (Ctrl-C, SIGTERM, a full
+disk, a writer that could not be replaced, a lost lock, a lost Ray) keeps what is
+durable, so running the same merge again resumes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import default_num_workers, ray_session
-from distmerge.errors import OutputFull, WriterLost
+from distmerge.errors import DistmergeError, LockLost, OutputFull, WriterLost
 from distmerge.memory import peak_rss
 from distmerge.output.destination import Destination
 from distmerge.output.lock import OutputLock, output_lock
@@ -30,6 +32,8 @@ from distmerge.planner import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from distmerge.sizes import format_bytes, parse_size
 
 Size = Union[int, str, None]
+# Errors that end a run as an interruption, keeping what is durable for a resume.
+KEPT_ERRORS = (WriterLost, OutputFull, LockLost)
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,7 @@ class MergeJob:
         self.part_size = 0
         self.lock: Optional[OutputLock] = None
         self.resumed = False
+        self.cancel = threading.Event()  # set from another thread to interrupt `run`
 
     # -- plan ----------------------------------------------------------------------------
 
@@ -224,19 +229,20 @@ class MergeJob:
         start = self.destination.prepare(options.overwrite, plan, options.restart, self.part_size)
         writer = WriterActor(self.destination, plan, self.part_size)
         bar = _ProgressBar(plan) if options.progress else None
+        if bar:
+            driver.on_written = bar.unit_written
+        driver.guard = self._guard
         try:
-            if bar:
-                driver.on_written = bar.unit_written
             writer.start(start)
             driver.attach_writer(writer, start.finished)
             stats, written = driver.run()
         except BaseException as err:
-            # Interrupted (Ctrl-C; SIGTERM, which Ray's driver turns into SystemExit; a full
-            # disk; a writer that could not be replaced): keep what is durable, for a resume.
-            # Failed: stop the writer, then clean up.
-            kept = isinstance(err, (KeyboardInterrupt, SystemExit, WriterLost, OutputFull))
-            writer.stop(graceful=kept)
-            if not kept:
+            # A merge that failed (a bad input, a unit that kept failing, storage refusing
+            # the output) cleans up once its writer is surely gone. Anything else is an
+            # interruption and keeps what is durable, for a resume.
+            failed = isinstance(err, DistmergeError) and not isinstance(err, KEPT_ERRORS)
+            stopped = writer.stop(graceful=not failed)
+            if failed and stopped and not (self.lock and self.lock.lost):
                 self.destination.discard()
             raise
         finally:
@@ -244,6 +250,13 @@ class MergeJob:
                 bar.close()
             writer.stop(graceful=False)
         return RunResult(stats, written, len(start.finished), driver.writer_restarts, driver.recomputed)
+
+    def _guard(self) -> None:
+        """Checked by the driver while it waits: stop when told to, or when the lock is lost."""
+        if self.cancel.is_set():
+            raise KeyboardInterrupt(f"the merge into {self.destination.url} was interrupted")
+        if self.lock is not None:
+            self.lock.check_held()
 
     # -- commit ------------------------------------------------------------------------------
 

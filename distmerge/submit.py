@@ -24,11 +24,14 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, TextIO
+from typing import Dict, List, Optional, Sequence, TextIO
 
 from distmerge.config import load_config
 from distmerge.errors import ConfigError, DistmergeError
-from distmerge.io.storage import is_remote
+from distmerge.io.storage import Storage, is_remote, split_url
+from distmerge.output.resume import merge_settings
+from distmerge.planner import DEFAULT_SHARD_SIZE
+from distmerge.sizes import parse_size
 
 CONFIG_NAME = "merge.yml"
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -65,19 +68,67 @@ def merge_request(config_path: str, out: str, merge_arguments: Sequence[str]) ->
         if not is_remote(model.ref) and not os.path.isabs(os.path.expanduser(model.ref)):
             raise ConfigError(f"{config_path}: model {model.ref!r} is a relative path; the merge runs on the cluster, "
                               "so give each model as an absolute path there or as a URL (s3://...)")
-    if not is_remote(out):
-        out = os.path.abspath(out)
+    out = _cluster_location(out, "OUT")
     arguments = ["merge", CONFIG_NAME, out, "--address", "auto", "--no-progress", *merge_arguments]
-    digest = hashlib.sha256(json.dumps([text, out, list(merge_arguments)]).encode()).hexdigest()[:20]
+    identity = [merge_settings(text), out.rstrip("/"), canonical_options(merge_arguments)]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return JobRequest(arguments, {CONFIG_NAME: text}, f"distmerge-merge-{digest}")
+
+
+def _cluster_location(where: str, name: str) -> str:
+    """A path or URL as the cluster sees it: a URL, or an absolute path (on the cluster's head)."""
+    if is_remote(where):
+        return where
+    path = split_url(where)[1]
+    if not os.path.isabs(path):
+        raise ConfigError(f"{name} {where!r} is a relative path; the job runs on the cluster, so give an "
+                          "s3:// URL or an absolute path as the cluster's head sees it")
+    return path
+
+
+SIZE_OPTIONS = {"--shard-size", "--memory-per-worker", "--part-size"}
+SECRET_OPTIONS = {"--storage-options"}
+
+
+def canonical_options(arguments: Sequence[str]) -> Dict[str, object]:
+    """`--flag value` arguments as one value per flag, sizes in bytes and JSON parsed, so that
+    the same options written differently give the same submission id."""
+    options: Dict[str, object] = {}
+    items = list(arguments)
+    while items:
+        flag = items.pop(0)
+        value: object = True
+        if items and not items[0].startswith("--"):
+            value = items.pop(0)
+            if flag in SIZE_OPTIONS:
+                value = parse_size(value)
+            elif flag in SECRET_OPTIONS:
+                value = json.loads(value)
+        options[flag] = value
+    if options.get("--shard-size") == DEFAULT_SHARD_SIZE:
+        del options["--shard-size"]
+    return options
+
+
+def redacted_command(request: JobRequest) -> str:
+    """The entrypoint as it may be printed: storage options with their secrets masked."""
+    shown, items = [], list(request.arguments)
+    while items:
+        item = items.pop(0)
+        shown.append(item)
+        if item in SECRET_OPTIONS and items:
+            shown.append(json.dumps(Storage(json.loads(items.pop(0))).redacted()))
+    return "distmerge " + " ".join(shlex.quote(a) for a in shown)
 
 
 def batch_request(source: str, batch_arguments: Sequence[str], submission_id: Optional[str] = None) -> JobRequest:
     """The job for a batch. Each batch run is a new job (the batch itself skips what is
     merged already), unless a submission id is given."""
-    if not is_remote(source):
-        source = os.path.abspath(source)
+    source = _cluster_location(source, "SOURCE")
     arguments = ["batch", source, "--address", "auto", *batch_arguments]
+    if "--report" in arguments:
+        at = arguments.index("--report") + 1
+        arguments[at] = _cluster_location(arguments[at], "--report")
     return JobRequest(arguments, {}, submission_id or f"distmerge-batch-{time.strftime('%Y%m%dT%H%M%S')}-"
                                                       f"{uuid.uuid4().hex[:8]}")
 
@@ -127,14 +178,17 @@ def submit(request: JobRequest, address: str, *, wait: bool = True, retry: bool 
                 runtime_env = {"working_dir": work} if request.files else None
                 client.submit_job(entrypoint=request.entrypoint, submission_id=request.submission_id,
                                   runtime_env=runtime_env)
-            print(f"submitted job {request.submission_id}: {request.entrypoint}", file=out)
+            print(f"submitted job {request.submission_id}: {redacted_command(request)}", file=out)
         except RuntimeError as err:
             if _existing(client, request.submission_id) is None:  # not a race with an identical submit
                 raise SubmitError(f"submitting to {address} failed: {err}") from err
             print(f"job {request.submission_id} was just submitted by someone else; attaching", file=out)
     else:
-        print(f"job {request.submission_id} already exists ({_status_name(job.status)}); attaching instead of "
-              "submitting again", file=out)
+        status = _status_name(job.status)
+        print(f"job {request.submission_id} already exists ({status}); attaching instead of submitting again"
+              + (" (pass --retry to submit it again)" if status in ("FAILED", "STOPPED") else ""), file=out)
+        if not wait:
+            return 1 if status in ("FAILED", "STOPPED") else 0
     if not wait:
         return 0
     status = asyncio.run(_follow(client, request.submission_id, out))

@@ -170,12 +170,34 @@ def test_s3_batches_running_at_once_merge_each_request_once(ray_local, paths, s3
         assert statuses in (["locked", "merged"], ["merged", "skipped"]), statuses
     assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     for name in configs:
-        local = shard_bytes(str(tmp_path / name))
-        for file_name, data in local.items():
-            assert fs.cat_file(f"{bucket}/merged/{name}/{file_name}") == data
-        assert not fs.exists(f"{bucket}/merged/{name}/{LOCK_NAME}")
+        merged = tmp_path / f"downloaded-{name}"
+        merged.mkdir()
+        for entry in fs.ls(f"{bucket}/merged/{name}", detail=True, refresh=True):
+            if entry["type"] == "file":
+                fs.get_file(entry["name"], str(merged / os.path.basename(entry["name"])))
+        assert shard_bytes(str(merged)) == shard_bytes(str(tmp_path / name))
+        assert not (merged / LOCK_NAME).exists()
 
     report_url = f"s3://{bucket}/reports/second.json"
     again = run_batch(f"s3://{bucket}/requests/", options, report_url=report_url)
     assert [r.status for r in again.requests] == ["skipped", "skipped"]
     assert json.loads(fs.cat_file(report_url[len("s3://"):]))["counts"]["skipped"] == 2
+
+
+def test_requests_sharing_an_output_fail_and_the_rest_run_in_parallel(ray_local, paths, tmp_path):
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    shared = str(tmp_path / "shared")
+    _request(requests, "a.yml", _config(paths, 0.4), shared)
+    _request(requests, "b.yml", _config(paths, 0.6), shared)
+    for name in ("c", "d"):
+        _request(requests, f"{name}.yml", _config(paths, 0.5 if name == "c" else 0.7), str(tmp_path / name))
+    report = run_batch(str(requests), OPTIONS, parallel=2)
+    by_name = {os.path.basename(r.request): r for r in report.requests}
+    assert [by_name[n].status for n in ("a.yml", "b.yml", "c.yml", "d.yml")] == ["failed", "failed", "merged", "merged"]
+    assert "is also the output of" in by_name["a.yml"].error and "b.yml" in by_name["a.yml"].error
+    assert not os.path.exists(shared)
+    reference = str(tmp_path / "reference-c")
+    distmerge.merge(write_yaml(str(tmp_path / "c-plain.yml"), _config(paths, 0.5)), reference, num_workers=2,
+                    memory_per_worker="64KiB")
+    assert shard_bytes(str(tmp_path / "c")) == shard_bytes(reference)

@@ -3,6 +3,7 @@ that fills up mid-merge (the merge stays resumable)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import distmerge
-from distmerge.errors import OutputError, OutputFull
+from distmerge.errors import LockLost, OutputError, OutputFull
 from distmerge.io.storage import Storage
 from distmerge.output import resume
 from distmerge.output.destination import Destination
@@ -38,7 +39,8 @@ def test_merge_into_a_locked_output_is_refused_naming_the_holder(ray_local, conf
         with pytest.raises(OutputLocked) as refused:
             distmerge.merge(config_path, out)
         assert f"output {out} is being merged by distmerge batch (" in str(refused.value)
-        assert f"pid {os.getpid()}, since " in str(refused.value) and LOCK_NAME in str(refused.value)
+        assert f"pid {os.getpid()}, since " in str(refused.value)
+        assert f"stop it (pid {os.getpid()} on " in str(refused.value)
         assert os.listdir(out) == [LOCK_NAME]  # refused before anything was written
     finally:
         held.release()
@@ -69,7 +71,7 @@ def test_a_crashed_holder_leaves_no_local_lock(tmp_path):
     lock.release()
 
 
-def test_s3_lock_is_exclusive_expires_and_knows_when_it_is_lost(s3):
+def test_s3_lock_is_exclusive_goes_stale_and_knows_when_it_is_lost(s3):
     fs = s3.filesystem()
     fs.mkdir("locks")
     storage = Storage(dict(s3.options))
@@ -77,52 +79,85 @@ def test_s3_lock_is_exclusive_expires_and_knows_when_it_is_lost(s3):
     def lock(ttl: float):
         return output_lock(Destination("s3://locks/out", storage), purpose="distmerge batch", ttl=ttl)
 
-    # many takers at once: exactly one wins each round
-    for _ in range(3):
-        takers = [lock(60) for _ in range(4)]
-        won, barrier = [], threading.Barrier(len(takers))
+    def race(takers) -> list:
+        """Everyone tries at once; (winners, what the others raised)."""
+        won, refused, barrier = [], [], threading.Barrier(len(takers))
 
         def take(taker):
             barrier.wait()
             try:
                 taker.acquire()
                 won.append(taker)
-            except OutputLocked:
-                pass
+            except Exception as err:  # noqa: BLE001 - collected and checked below
+                refused.append(err)
 
         threads = [threading.Thread(target=take, args=(t,)) for t in takers]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert len(won) == 1
-        won[0].release()
+        assert len(won) == 1 and len(refused) == len(takers) - 1
+        assert all(isinstance(err, OutputLocked) for err in refused), refused
+        return won[0]
+
+    for _ in range(3):  # many takers at once: exactly one wins each round
+        race([lock(60) for _ in range(4)]).release()
         assert not fs.exists(f"locks/out/{LOCK_NAME}")
 
-    # a holder that stops renewing (crashed) keeps the lock until it expires, then loses it
-    crashed = lock(1.0)
+    # a holder that stops renewing (on another machine: crashed) keeps the lock until it is
+    # stale by the server's clock; then of several takers exactly one takes it over
+    crashed = lock(3.0)
     crashed.acquire()
     crashed._stop.set()
     crashed._renewer.join()
-    with pytest.raises(OutputLocked, match="its lock expires at"):
+    crashed.record["machine"] = "another machine"
+    fs.pipe_file(f"locks/out/{LOCK_NAME}", json.dumps(crashed.record).encode())
+    crashed.etag = fs.info(f"locks/out/{LOCK_NAME}", refresh=True)["ETag"]
+    with pytest.raises(OutputLocked, match="goes stale .* s after its last renewal"):
         lock(60).acquire()
-    time.sleep(1.2)
-    successor = lock(60)
-    successor.acquire()
+    time.sleep(4.5)
+    successor = race([lock(60) for _ in range(3)])
     assert crashed.renew() is False
-    with pytest.raises(OutputError, match="lost its lock"):
+    with pytest.raises(LockLost, match="lost its lock"):
         crashed.check_held()
     crashed.etag = None  # it no longer holds anything to release
     successor.release()
 
     # a live holder renews: it outlives its time to live
-    live = lock(0.8)
+    live = lock(2.0)
     live.acquire()
-    time.sleep(1.5)
+    time.sleep(3.5)
     with pytest.raises(OutputLocked):
         lock(60).acquire()
     live.check_held()
     live.release()
+
+
+def test_s3_lock_of_a_killed_process_here_is_taken_at_once(s3):
+    """A merge SIGKILLed on this machine leaves its S3 lock; the next run here sees that its
+    holder is gone (same boot and pid namespace, no such process) and need not wait."""
+    s3.filesystem().mkdir("killed")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import json, sys, time\n"
+        "from distmerge.io.storage import Storage\n"
+        "from distmerge.output.destination import Destination\n"
+        "from distmerge.output.lock import output_lock\n"
+        f"output_lock(Destination('s3://killed/out', Storage(json.loads({json.dumps(json.dumps(s3.options))})))"
+        ").acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=f"pid {holder.pid}"):
+            output_lock(Destination("s3://killed/out", Storage(dict(s3.options)))).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    started = time.perf_counter()
+    successor = output_lock(Destination("s3://killed/out", Storage(dict(s3.options))))
+    successor.acquire()
+    assert time.perf_counter() - started < 30  # not the 300 s time to live
+    successor.release()
 
 
 def test_too_little_space_is_refused_before_anything_starts(config_path, small_disk):

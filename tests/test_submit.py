@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import distmerge
+from distmerge.errors import ConfigError
 
 from distmerge.synthetic import LlamaShape, ties_config
 from helpers import cli_command, shard_bytes, write_yaml
@@ -174,3 +175,26 @@ def test_submit_refuses_a_bad_config_before_submitting(ray_head, tmp_path):
     assert refused.returncode == 2
     assert "model 'relative/ft' is a relative path" in refused.stderr
     assert "submitted" not in refused.stdout
+
+
+def test_a_merge_has_one_submission_id_however_it_is_written(tmp_path):
+    """The id is of the merge, not of how its command line or config file is written; it
+    changes with what shapes the merge."""
+    from distmerge.submit import merge_request
+
+    config = {"merge_method": "ties", "base_model": "/m/base", "dtype": "bfloat16",
+              "models": [{"model": "/m/ft1", "parameters": {"weight": 0.5, "density": 0.5}}]}
+    plain = write_yaml(str(tmp_path / "a.yml"), config)
+    (tmp_path / "b.yml").write_text("# the same merge, written otherwise\ndtype: bfloat16\nmerge_method: ties\n"
+                                    "models:\n- {model: /m/ft1, parameters: {density: 0.5, weight: 0.5}}\n"
+                                    "base_model: /m/base\nstorage: {anon: false}\n")
+    first = merge_request(plain, "s3://b/out", ["--memory-per-worker", "1GiB", "--storage-options", '{"a": 1, "b": 2}'])
+    same = merge_request(str(tmp_path / "b.yml"), "s3://b/out/",
+                         ["--memory-per-worker", "1073741824", "--shard-size", "5GB",
+                          "--storage-options", '{"b": 2, "a": 1}'])
+    assert first.submission_id == same.submission_id
+    plain_id = merge_request(plain, "s3://b/out", []).submission_id
+    assert merge_request(plain, "s3://b/other", []).submission_id != plain_id
+    assert merge_request(plain, "s3://b/out", ["--shard-size", "1GB"]).submission_id != plain_id
+    with pytest.raises(ConfigError, match="OUT 'out' is a relative path"):
+        merge_request(plain, "out", [])

@@ -23,6 +23,7 @@ from distmerge.planner import MergePlan, WorkUnit
 
 TASK_RETRIES = 3
 WRITER_RESTARTS = 3
+GUARD_INTERVAL = 0.5  # seconds
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Driver:
     def __init__(self, plan: MergePlan, *, max_in_flight: int, max_in_flight_bytes: int,
                  threads_per_worker: int = 1, allow_nonfinite: bool = False) -> None:
         """The writer comes later (`attach_writer`): `check_inputs` runs before it exists.
-        `on_written(unit)` is called once per unit the writer holds."""
+        `on_written(unit)` is called once per unit the writer holds; `guard()` at least every
+        GUARD_INTERVAL seconds while waiting, and before the writer finalizes: what it raises
+        ends the run."""
         import ray
 
         self.ray = ray
@@ -65,6 +68,7 @@ class Driver:
         self.writer_restarts = 0
         self.recomputed = 0  # units written once, lost with a dead writer, computed again
         self.on_written: Callable[[WorkUnit], None] = lambda unit: None
+        self.guard: Callable[[], None] = lambda: None
         self.stats = RunStats()
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
         options = dict(num_cpus=threads_per_worker, max_retries=TASK_RETRIES, retry_exceptions=False)
@@ -131,7 +135,7 @@ class Driver:
             while pending and len(running) < self.max_in_flight:
                 u, payload = pending.pop(0)
                 running[submit(u, payload)] = u
-            done, _ = self.ray.wait(list(running), num_returns=1)
+            done = self._wait(list(running))
             for ref in done:
                 u = running.pop(ref)
                 try:
@@ -173,7 +177,7 @@ class Driver:
                                                              self.threads, self.allow_nonfinite)
                 computing[stats_ref] = (unit, data_ref)
                 in_flight_bytes += unit.out_bytes
-            ready, _ = self.ray.wait(list(computing) + list(writing), num_returns=1)
+            ready = self._wait(list(computing) + list(writing))
             for ref in ready:
                 if ref in computing:
                     unit, data_ref = computing.pop(ref)
@@ -201,6 +205,15 @@ class Driver:
                 in_flight_bytes -= unit.out_bytes
                 self.acknowledged.add(unit.index)
                 self._report(unit)
+
+    def _wait(self, refs: List[Any]) -> List[Any]:
+        """The refs that are ready (at least one), checking `self.guard` while waiting: it
+        raises to stop the run (an interruption from another thread, a lost output lock)."""
+        while True:
+            self.guard()
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=GUARD_INTERVAL)
+            if ready:
+                return ready
 
     def _write(self, unit: WorkUnit, data_ref: Any) -> Any:
         segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
@@ -248,6 +261,7 @@ class Driver:
     def finalize(self, reduced: Dict[str, List[Any]]) -> Dict[str, Any]:
         """Have the writer commit its shards; if it dies first, restart it and finish the units it lost."""
         while True:
+            self.guard()
             try:
                 return self.ray.get(self.writer.handle.finalize.remote())
             except OutputFull as err:  # Ray's error is also an instance of its cause's class

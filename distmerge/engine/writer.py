@@ -47,20 +47,27 @@ class WriterActor:
         self.start(point)
         return point.finished
 
-    def stop(self, graceful: bool) -> None:
+    def stop(self, graceful: bool) -> bool:
         """Stop the writer: `graceful` lets it record what is durable first. A dead or
-        unreachable writer is let go quietly: the error that ended the run matters more."""
+        unreachable writer is let go quietly (the error that ended the run matters more);
+        returns False if it could not be made sure that the writer is gone (then nothing
+        may touch the output after it)."""
         import ray
 
         if self.handle is None:
-            return
+            return True
         try:
             if graceful:
                 ray.get(self.handle.interrupted.remote(), timeout=120)
-            self._kill()
         except Exception:  # noqa: BLE001 - see the docstring
             pass
-        self.handle = None
+        try:
+            self._kill()
+        except MergeFailed:
+            return False
+        finally:
+            self.handle = None
+        return True
 
     def _kill(self, timeout: float = 60.0) -> None:
         """Kill the actor and wait until it is gone, so that nothing it still runs can touch the

@@ -46,7 +46,7 @@ class Destination:
     """File operations on the output location, local or remote."""
 
     def __init__(self, url: str, storage: Storage) -> None:
-        self.url = url.rstrip("/") if is_remote(url) else os.path.abspath(url)
+        self.url = url.rstrip("/") if is_remote(url) else os.path.abspath(os.path.expanduser(split_url(url)[1]))
         self.remote = is_remote(url)
         self.s3 = self.remote and split_url(self.url)[0] == "s3"
         self.storage = storage

@@ -6,18 +6,21 @@ it, so a refused merge can say who holds it.
 - Local outputs use `flock` on that file: the kernel releases it when the holder's
   process dies, so a crash never leaves the output locked.
 - Object storage has no such thing. The lock object is created with a conditional write
-  (`If-None-Match: *`: of two writers, exactly one succeeds) and carries an expiry, which
-  the holder pushes forward while it works (`If-Match` on the ETag it wrote, so a holder
-  that lost the lock finds out). A lock past its expiry belongs to a crashed holder, and
-  so does one whose holder ran on this machine and has exited; the next merge takes it
-  over with a conditional write on the stale object's ETag, so of two merges taking over
-  at once exactly one wins.
+  (`If-None-Match: *`: of two writers, exactly one succeeds) and records its time to
+  live; the holder rewrites it every quarter of that (`If-Match` on the ETag it wrote, so
+  a holder that lost the lock finds out). A lock not rewritten for its time to live, by
+  the server's clock (the answer's `Date` less the object's `Last-Modified`, so clock skew
+  between machines does not matter), belongs to a crashed holder, and so does one whose
+  holder ran in this boot and pid namespace of this machine and has exited. The next
+  merge takes it over with a conditional write on the stale object's ETag, so of two
+  merges taking over at once exactly one wins.
 """
 
 from __future__ import annotations
 
 import abc
 import datetime
+import email.utils
 import fcntl
 import getpass
 import json
@@ -26,11 +29,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from fsspec.asyn import sync
 
-from distmerge.errors import OutputError
+from distmerge.errors import LockLost, OutputError
 from distmerge.io.storage import s3_error_code, split_url
 from distmerge.output.destination import Destination
 
@@ -41,13 +44,9 @@ DEFAULT_TTL = 300.0  # seconds an object-storage lock lives without being renewe
 class OutputLocked(OutputError):
     """Another merge holds the output's lock."""
 
-    def __init__(self, url: str, holder: Dict[str, Any]) -> None:
+    def __init__(self, url: str, holder: Dict[str, Any], advice: str) -> None:
         self.holder = holder
-        expires = holder.get("expires")
-        until = f"; its lock expires at {_iso(expires)} unless renewed" if isinstance(expires, (int, float)) else ""
-        super().__init__(
-            f"output {url} is being merged by {describe_holder(holder)}{until}. Wait for that merge to "
-            f"finish; if it is gone for good, delete {url.rstrip('/')}/{LOCK_NAME}")
+        super().__init__(f"output {url} is being merged by {describe_holder(holder)}; {advice}")
 
 
 def describe_holder(holder: Dict[str, Any]) -> str:
@@ -63,33 +62,41 @@ def _iso(seconds: float) -> str:
 
 
 def _holder_record(purpose: str, ttl: Optional[float]) -> Dict[str, Any]:
-    now = time.time()
     record = {"purpose": purpose, "user": _user(), "host": socket.gethostname(), "pid": os.getpid(),
-              "process_started": _process_started(os.getpid()), "acquired": now, "token": uuid.uuid4().hex}
+              "machine": _machine(), "start_ticks": _start_ticks(os.getpid()), "acquired": time.time(),
+              "token": uuid.uuid4().hex}
     if ttl is not None:
-        record["expires"] = now + ttl
+        record["ttl"] = ttl
     return record
 
 
-def _process_started(pid: int) -> Optional[float]:
-    """When process `pid` started (None if there is none): with the pid, it names one process."""
-    import psutil
-
+def _machine() -> Optional[str]:
+    """This boot of this machine, and this pid namespace: where a pid names one process."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """When process `pid` started, in clock ticks since boot (None if there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
 
 
 def holder_is_gone(holder: Dict[str, Any]) -> bool:
-    """Whether the lock's holder ran on this machine and has exited: its lock is stale at
-    once, so re-running a merge killed here need not wait for the expiry. (A holder on
-    another machine can only be known gone by its lock's expiry.)"""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """Whether the lock's holder ran in this boot and pid namespace of this machine and has
+    exited: its lock is stale at once, so re-running a merge killed here need not wait for
+    the lock to go stale. (A holder elsewhere can only be known gone by its lock's age.)"""
+    machine = _machine()
+    if machine is None or holder.get("machine") != machine or not isinstance(holder.get("pid"), int):
         return False
-    started = _process_started(holder["pid"])
-    recorded = holder.get("process_started")
-    return started is None or (isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0)
+    return _start_ticks(holder["pid"]) != holder.get("start_ticks")
 
 
 def _user() -> str:
@@ -141,6 +148,8 @@ class LocalOutputLock(OutputLock):
         self.fd: Optional[int] = None
 
     def acquire(self) -> None:
+        if os.path.exists(self.destination.url) and not os.path.isdir(self.destination.url):
+            raise OutputError(f"output {self.destination.url} exists and is not a directory")
         os.makedirs(self.destination.url, exist_ok=True)
         path = self.destination.path(LOCK_NAME)
         while True:
@@ -150,7 +159,9 @@ class LocalOutputLock(OutputLock):
             except BlockingIOError:
                 holder = _parse(os.pread(fd, 1 << 16, 0))
                 os.close(fd)
-                raise OutputLocked(self.destination.url, holder) from None
+                raise OutputLocked(self.destination.url, holder, (
+                    f"wait for it to finish, or stop it (pid {holder.get('pid', '?')} on {holder.get('host', '?')}): "
+                    "the lock is released when that process exits")) from None
             try:  # a holder that released removed the file: our lock is on an orphan inode
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -190,29 +201,45 @@ class ObjectOutputLock(OutputLock):
         return {"Bucket": bucket, "Key": key}
 
     def _put(self, record: Dict[str, Any], **condition: str) -> Optional[str]:
-        """PUT the lock under `condition`; its new ETag, or None when the condition failed."""
+        """PUT the lock under `condition`; its new ETag, or None when the condition failed
+        (or the object it was to replace is gone)."""
         try:
             answer = self.destination.fs.call_s3("put_object", Body=json.dumps(record).encode(),
                                                  **self._key(), **condition)
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError) as err:
             if s3_error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return None
             raise
         return answer["ETag"]
 
-    def _read(self) -> Optional[tuple]:
-        """(The lock's record, its ETag) read in one request, or None when there is no lock."""
+    def _read(self) -> Optional[Tuple[Dict[str, Any], str, float]]:
+        """(The lock's record, its ETag, its age in seconds by the server's clock) in one
+        request, or None when there is no lock. The age is the server's time of the answer
+        less the object's last write: no client's clock takes part."""
         fs = self.destination.fs
 
         async def get() -> tuple:
             answer = await fs._call_s3("get_object", **self._key())
-            return await answer["Body"].read(), answer["ETag"]
+            return await answer["Body"].read(), answer
 
         try:
-            data, etag = sync(fs.loop, get)
+            data, answer = sync(fs.loop, get)
         except FileNotFoundError:
             return None
-        return _parse(data), etag
+        served = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            age = (email.utils.parsedate_to_datetime(served) - answer["LastModified"]).total_seconds()
+        except (TypeError, ValueError, KeyError):
+            age = 0.0  # no server time to judge by: never stale by age
+        return _parse(data), answer["ETag"], age
+
+    def _ours(self, record: Dict[str, Any]) -> Optional[str]:
+        """The ETag of the lock if it holds `record` (a write of ours that answered with an
+        error after it took effect, e.g. retried after a dropped answer), else None."""
+        found = self._read()
+        return found[1] if found is not None and found[0].get("token") == record.get("token") else None
 
     def acquire(self) -> None:
         for _ in range(self.ATTEMPTS):
@@ -222,14 +249,21 @@ class ObjectOutputLock(OutputLock):
                 found = self._read()
                 if found is None:
                     continue  # released in between: try again
-                holder, held_etag = found
-                expires = holder.get("expires")
-                if isinstance(expires, (int, float)) and expires > time.time() and not holder_is_gone(holder):
-                    raise OutputLocked(self.destination.url, holder)
-                etag = self._put(record, IfMatch=held_etag)  # a crashed holder's lock: take it over
-                if etag is None:
-                    continue  # someone else took it over first
-            self.record, self.etag = record, etag
+                holder, held_etag, age = found
+                if holder.get("token") == record["token"]:
+                    etag = held_etag
+                else:
+                    ttl = holder.get("ttl")
+                    live = isinstance(ttl, (int, float)) and age <= ttl
+                    if live and not holder_is_gone(holder):
+                        raise OutputLocked(self.destination.url, holder, (
+                            f"its lock goes stale {max(0, ttl - age):.0f} s after its last renewal unless renewed "
+                            "again; wait for that merge to finish"))
+                    etag = self._put(record, IfMatch=held_etag)  # a crashed holder's lock: take it over
+                    if etag is None:
+                        continue  # someone else took it over (or released it) first
+            self.record, self.etag, self.lost = record, etag, None
+            self._stop = threading.Event()
             self._renewer = threading.Thread(target=self._renew_until_released, name="distmerge-lock", daemon=True)
             self._renewer.start()
             return
@@ -237,29 +271,32 @@ class ObjectOutputLock(OutputLock):
                           f"{self.ATTEMPTS} attempts; other merges keep taking it")
 
     def _renew_until_released(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self.ttl / 4):
             try:
                 if not self.renew():
                     return
+                renewed = time.monotonic()
             except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
-                if time.time() > self.record["expires"]:
-                    self.lost = f"renewing it failed until it expired: {err}"
+                if time.monotonic() - renewed > self.ttl:
+                    self.lost = f"renewing it failed for longer than its time to live: {err}"
                     return
 
     def renew(self) -> bool:
-        """Push the expiry forward; False (and the lock marked lost) if another merge took it."""
-        record = dict(self.record, expires=time.time() + self.ttl)
-        etag = self._put(record, IfMatch=self.etag)
+        """Rewrite the lock (its age starts again); False, with the lock marked lost, if
+        another merge took it."""
+        record = dict(self.record, renewed=time.time())
+        etag = self._put(record, IfMatch=self.etag) or self._ours(record)
         if etag is None:
-            self.lost = "another merge took it over after it expired"
+            self.lost = "another merge took it over: it had not been renewed for its time to live"
             return False
         self.record, self.etag = record, etag
         return True
 
     def check_held(self) -> None:
         if self.lost:
-            raise OutputError(f"output {self.destination.url}: this merge lost its lock ({self.lost}); "
-                              "its work so far is kept: re-run it to resume")
+            raise LockLost(f"output {self.destination.url}: this merge lost its lock ({self.lost}); "
+                           "its work so far is kept: re-run it to resume")
 
     def release(self) -> None:
         if self.etag is None:
@@ -272,8 +309,7 @@ class ObjectOutputLock(OutputLock):
                 self.destination.fs.call_s3("delete_object", **self._key(), IfMatch=self.etag)
             except (OSError, ValueError) as err:
                 if s3_error_code(err) != "PreconditionFailed":  # a server without conditional deletes
-                    found = self._read()
-                    if found is not None and found[0].get("token") == self.record.get("token"):
+                    if self._ours(self.record) is not None:
                         self.destination.fs.call_s3("delete_object", **self._key())
         self.etag = None
 

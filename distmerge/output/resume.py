@@ -17,12 +17,14 @@ import json
 import os
 from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Set
 
+import yaml
+
 if TYPE_CHECKING:  # the writer actor imports this module and must not pay for torch
     from distmerge.planner import MergePlan
 
 MANIFEST = ".distmerge-manifest.json"
 PROGRESS = ".distmerge-progress"
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 WHAT = {
     "config": "the merge config changed",
     "inputs": "an input model changed (a file's size, ETag or modification time)",
@@ -49,11 +51,20 @@ def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def merge_settings(config_text: str) -> object:
+    """What of a config shapes the merge: the parsed YAML (so layout, comments and key order do
+    not count) without its `storage:` section (credentials and endpoints may change)."""
+    raw = yaml.safe_load(config_text)
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if key != "storage"}
+    return raw
+
+
 def fingerprints(plan: MergePlan, part_size: int = 0) -> Dict[str, str]:
     units = [[(p.meta.tensor, p.meta.row_start, p.meta.row_end, p.shard, p.out_offset, p.out_nbytes)
               for p in u.pieces] for u in plan.units]
     return {
-        "config": _digest(plan.config.text),
+        "config": _digest(merge_settings(plan.config.text)),
         "inputs": _digest([sorted(c.versions.items()) for c in plan.checkpoints]),
         "plan": _digest([plan.layout.index_json(), [s.header.hex() for s in plan.layout.shards], units]),
         "parts": _digest(part_size),
