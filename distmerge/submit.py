@@ -35,6 +35,7 @@ from distmerge.sizes import parse_size
 
 CONFIG_NAME = "merge.yml"
 FINISHED = {"SUCCEEDED", "FAILED", "STOPPED"}
+SUBMIT_ATTEMPTS = 5
 
 
 class SubmitError(DistmergeError):
@@ -170,19 +171,7 @@ def submit(request: JobRequest, address: str, *, wait: bool = True, retry: bool 
         client.delete_job(request.submission_id)
         job = None
     if job is None:
-        try:
-            with tempfile.TemporaryDirectory(prefix="distmerge-submit-") as work:
-                for name, text in request.files.items():
-                    with open(os.path.join(work, name), "w", encoding="utf-8") as f:
-                        f.write(text)
-                runtime_env = {"working_dir": work} if request.files else None
-                client.submit_job(entrypoint=request.entrypoint, submission_id=request.submission_id,
-                                  runtime_env=runtime_env)
-            print(f"submitted job {request.submission_id}: {redacted_command(request)}", file=out)
-        except RuntimeError as err:
-            if _existing(client, request.submission_id) is None:  # not a race with an identical submit
-                raise SubmitError(f"submitting to {address} failed: {err}") from err
-            print(f"job {request.submission_id} was just submitted by someone else; attaching", file=out)
+        _submit_new(client, request, address, out)
     else:
         status = _status_name(job.status)
         print(f"job {request.submission_id} already exists ({status}); attaching instead of submitting again"
@@ -194,6 +183,29 @@ def submit(request: JobRequest, address: str, *, wait: bool = True, retry: bool 
     status = asyncio.run(_follow(client, request.submission_id, out))
     print(f"job {request.submission_id} {status}", file=out)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_new(client, request: JobRequest, address: str, out: TextIO) -> None:
+    """Submit the job; a job server that is still starting (no job agent yet) is given a
+    few tries. An identical submission that won the race is attached to instead."""
+    with tempfile.TemporaryDirectory(prefix="distmerge-submit-") as work:
+        for name, text in request.files.items():
+            with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        runtime_env = {"working_dir": work} if request.files else None
+        for attempt in range(SUBMIT_ATTEMPTS):
+            try:
+                client.submit_job(entrypoint=request.entrypoint, submission_id=request.submission_id,
+                                  runtime_env=runtime_env)
+                print(f"submitted job {request.submission_id}: {redacted_command(request)}", file=out)
+                return
+            except RuntimeError as err:
+                if _existing(client, request.submission_id) is not None:
+                    print(f"job {request.submission_id} was just submitted by someone else; attaching", file=out)
+                    return
+                if attempt + 1 == SUBMIT_ATTEMPTS:
+                    raise SubmitError(f"submitting to {address} failed {SUBMIT_ATTEMPTS} times, last: {err}") from err
+                time.sleep(2 * (attempt + 1))
 
 
 async def _follow(client, submission_id: str, out: TextIO) -> str:

@@ -28,14 +28,22 @@ SHAPE = LlamaShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, v
 RAY_WORKER_PORTS = range(10002, 20000)
 
 
-def _free_port() -> int:
-    """A free loopback port outside Ray's worker port range."""
-    while True:
-        with socket.socket() as s:
+def _free_ports(count: int) -> list:
+    """`count` distinct free loopback ports outside Ray's worker port range (held open until
+    all are chosen, so none is handed out twice)."""
+    held = []
+    try:
+        while len(held) < count:
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in RAY_WORKER_PORTS:
-            return port
+            if s.getsockname()[1] in RAY_WORKER_PORTS:
+                s.close()
+                continue
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 class RayHead:
@@ -44,11 +52,11 @@ class RayHead:
 
     def __init__(self) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="rh-")  # short: Ray's socket paths must fit
-        self.dashboard_port = _free_port()
-        ports = {flag: _free_port() for flag in (
-            "--port", "--object-manager-port", "--node-manager-port", "--ray-client-server-port",
-            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-            "--metrics-export-port")}
+        flags = ("--port", "--object-manager-port", "--node-manager-port", "--ray-client-server-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port")
+        self.dashboard_port, *chosen = _free_ports(len(flags) + 1)
+        ports = dict(zip(flags, chosen))
         env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         env.pop("RAY_ADDRESS", None)
         command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
