@@ -22,7 +22,7 @@ from distmerge.output.lock import LOCK_NAME, OutputLocked, output_lock
 from distmerge.synthetic import LlamaShape, ties_config
 from helpers import shard_bytes, write_yaml
 
-SHAPE = LlamaShape(hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=1024)
+SHAPE = LlamaShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=1024)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_too_little_space_is_refused_before_anything_starts(config_path, small_d
 
 
 def test_a_disk_filled_mid_merge_keeps_the_merge_resumable(ray_local, config_path, tmp_path, small_disk):
-    options = dict(num_workers=2, memory_per_worker="32KiB", shard_size="1MB")
+    options = dict(num_workers=2, memory_per_worker="64KiB", shard_size="1MB")
     reference = tmp_path / "reference"
     summary = distmerge.merge(config_path, str(reference), **options)
     size = sum(os.path.getsize(reference / n) for n in os.listdir(reference))

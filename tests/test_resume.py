@@ -30,11 +30,10 @@ def config_path(model_factory, tmp_path_factory):
     return write_yaml(str(tmp_path_factory.mktemp("resume") / "merge.yml"), ties_config(paths))
 
 
-def test_killed_driver_resumes_bit_identical(config_path, tmp_path):
+def test_killed_driver_resumes_bit_identical(ray_local, config_path, tmp_path):
     options = ["--num-workers", "1", "--memory-per-worker", "256KiB", "--no-progress", "--shard-size", "2MB"]
-    cmd, env = cli_command("merge", config_path, str(tmp_path / "calm"), *options)
     started = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    distmerge.merge(config_path, str(tmp_path / "calm"), num_workers=1, memory_per_worker="256KiB", shard_size="2MB")
     full_run = time.perf_counter() - started
 
     out = tmp_path / "killed"
@@ -55,7 +54,7 @@ def test_killed_driver_resumes_bit_identical(config_path, tmp_path):
     # the re-run leaves --memory-per-worker out: the recorded budget is used (the default
     # one, 1 GiB here, would plan other units and be refused)
     started = time.perf_counter()
-    rerun_cmd, _ = cli_command("merge", config_path, str(out), "--num-workers", "1", "--no-progress",
+    rerun_cmd, _ = cli_command("merge", config_path, str(out), "--num-workers", "2", "--no-progress",
                                "--shard-size", "2MB")
     rerun = subprocess.run(rerun_cmd, env=env, capture_output=True, text=True, timeout=300)
     resume_run = time.perf_counter() - started
@@ -84,7 +83,8 @@ def test_changed_config_refuses_resume_until_restart(config_path, tmp_path):
     assert refused.returncode == 2
     assert "interrupted merge that cannot be resumed: the merge config changed" in refused.stderr
     assert "--restart" in refused.stderr
-    restarted = subprocess.run(cmd + ["--restart"], env=env, capture_output=True, text=True, timeout=300)
+    restarted = subprocess.run(cmd + ["--restart", "--num-workers", "2"], env=env, capture_output=True, text=True,
+                               timeout=300)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "resumed" not in restarted.stdout and (out / "model.safetensors.index.json").exists()
 

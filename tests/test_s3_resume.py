@@ -26,13 +26,12 @@ CLI_OPTIONS = ["--num-workers", "1", "--memory-per-worker", "256KiB", "--shard-s
 
 
 @pytest.fixture(scope="module")
-def merge_case(model_factory, tmp_path_factory, s3):
+def merge_case(ray_local, model_factory, tmp_path_factory, s3):
     """A config with local inputs, its undisturbed local output, and a fresh bucket."""
     paths = model_factory(torch.bfloat16, shape=SHAPE)
     root = tmp_path_factory.mktemp("s3resume")
     config = write_yaml(str(root / "merge.yml"), ties_config(paths))
-    subprocess.run(cli_command("merge", config, str(root / "calm"), *CLI_OPTIONS)[0], check=True,
-                   capture_output=True, timeout=300, env=cli_command()[1])
+    distmerge.merge(config, str(root / "calm"), num_workers=1, memory_per_worker="256KiB", shard_size="1MB")
     bucket = f"r-{uuid.uuid4().hex[:12]}"
     s3.client().create_bucket(Bucket=bucket)
     return config, str(root / "calm"), bucket
