@@ -168,7 +168,7 @@ def test_killed_random_merge_resumes_with_its_recorded_seed_bit_identical(ray_lo
     manifest = json.loads((out / ".distmerge-manifest.json").read_text())
     seed = manifest["options"]["random_seed"]
     assert not (out / "model.safetensors.index.json").exists(), "the merge finished before it could be killed"
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed" in resumed.stdout and f"random seed: {seed}" in resumed.stdout
     _merge(tmp_path, cfg, "clean", num_workers=2, memory_per_worker=TINY_BUDGET, random_seed=seed)

@@ -76,7 +76,7 @@ def test_killed_driver_resumes_from_its_uploads(s3, merge_case, tmp_path):
     assert s3.client().list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads")
 
     started = time.perf_counter()
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reused = int(rerun.stdout.split("resumed: ")[1].split(" units")[0])
@@ -115,7 +115,7 @@ def test_kill_during_commit_resumes_with_completed_shards(s3, merge_case, tmp_pa
     names = {os.path.basename(p) for p in fs.ls(f"s3://{bucket}/{prefix}", detail=False, refresh=True)}
     assert "model.safetensors.index.json" not in names and any(n.endswith(".safetensors") for n in names)
 
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     units = int(rerun.stdout.split(" units into")[0].split(" in ")[-1])
     assert f"resumed: {units} units reused" in rerun.stdout

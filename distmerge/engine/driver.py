@@ -269,3 +269,6 @@ class Driver:
             except self.ray.exceptions.RayActorError as err:
                 self._replace_writer(err)
                 self.run_apply(reduced)
+            except self.ray.exceptions.RayTaskError as err:  # the writer ran, and failed
+                cause = getattr(err, "cause", None) or err
+                raise MergeFailed(f"the writer could not finish the shards: {type(cause).__name__}: {cause}") from err

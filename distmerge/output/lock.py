@@ -122,6 +122,7 @@ class OutputLock(abc.ABC):
         self.purpose = purpose
         self.ttl = ttl
         self.record: Dict[str, Any] = {}
+        self.lost: Optional[str] = None  # why the lock was lost while held (object storage only)
 
     def __enter__(self) -> "OutputLock":
         self.acquire()
@@ -192,7 +193,6 @@ class ObjectOutputLock(OutputLock):
     def __init__(self, destination: Destination, purpose: str = "distmerge merge", ttl: float = DEFAULT_TTL) -> None:
         super().__init__(destination, purpose, ttl)
         self.etag: Optional[str] = None
-        self.lost: Optional[str] = None
         self._stop = threading.Event()
         self._renewer: Optional[threading.Thread] = None
 
