@@ -45,8 +45,8 @@ def _options() -> List[Option]:
     everywhere = frozenset({PLAN, MERGE, BATCH, SUBMIT})
     return [
         Option("--num-workers", dict(type=int, metavar="N", help=(
-            "merge tasks run at once (default: CPUs of this machine; on a cluster, the local CPU count unless "
-            "set)")), everywhere),
+            "merge tasks run at once (default: the CPUs of the Ray the merge runs on: this machine's for a "
+            "local Ray, the whole cluster's with --address)")), everywhere),
         Option("--memory-per-worker", dict(metavar="SIZE", help=(
             "working memory one task may use, e.g. 2GiB; bigger tensors are split into row ranges (default: what "
             "an interrupted merge being resumed used, else a quarter of this machine's memory shared by the "

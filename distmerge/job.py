@@ -212,9 +212,18 @@ class MergeJob:
         """Object store a local Ray needs for this merge's results in flight."""
         return int(min(max(2 * self._max_in_flight_bytes(), 512 * 2**20), 8 * 2**30))
 
-    def _max_in_flight_bytes(self) -> int:
+    def _max_in_flight_bytes(self, workers: Optional[int] = None) -> int:
         largest_output = max(u.out_bytes for u in self.plan.units)
-        return max(2 * self.workers * largest_output, 256 * 2**20)
+        return max(2 * (workers or self.workers) * largest_output, 256 * 2**20)
+
+    def _running_workers(self) -> int:
+        """Tasks to keep running: --num-workers, else every CPU of the Ray we run on (a
+        cluster's, when joined; this machine's, for the local Ray started with that many)."""
+        if self.options.num_workers:
+            return self.options.num_workers
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", self.workers)) // self.options.threads_per_worker)
 
     def run(self) -> RunResult:
         """Merge every unit into the destination (within a Ray session)."""
@@ -222,7 +231,8 @@ class MergeJob:
         from distmerge.engine.writer import WriterActor
 
         plan, options = self.plan, self.options
-        driver = Driver(plan, max_in_flight=2 * self.workers, max_in_flight_bytes=self._max_in_flight_bytes(),
+        workers = self._running_workers()
+        driver = Driver(plan, max_in_flight=2 * workers, max_in_flight_bytes=self._max_in_flight_bytes(workers),
                         threads_per_worker=options.threads_per_worker, allow_nonfinite=options.allow_nonfinite)
         if options.check_inputs and not options.allow_nonfinite:
             driver.check_inputs()  # NaN/Inf refused before the destination is touched
