@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -206,7 +207,8 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     if config.tokenizer_source is not None and config.tokenizer_source not in refs:
         raise ConfigError(f"{config.source}: tokenizer_source: {config.tokenizer_source!r} is not one of the "
                           f"merge's models ({', '.join(refs)}); name one of them, or 'base'")
-    checkpoints = tuple(open_checkpoint(m.ref, m.path, config.storage) for m in config.inputs)
+    with ThreadPoolExecutor(max(1, len(config.inputs)), thread_name_prefix="checkpoints") as pool:
+        checkpoints = tuple(pool.map(lambda m: open_checkpoint(m.ref, m.path, config.storage), config.inputs))
     layer_sources: Tuple[Tuple[int, int], ...] = ()
     if config.slices:
         notes: List[str] = []

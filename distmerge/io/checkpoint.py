@@ -8,6 +8,7 @@ recorded, so a worker can refuse to mix versions if a file changes mid-merge.
 
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -123,6 +124,9 @@ def _read_shard(files: ModelFiles, url: str) -> Tuple[Dict[str, TensorInfo], Tup
     return read_header(lambda a, b: files.read(url, a, b), url, size), (size, file_version(info))
 
 
+HEADER_READERS = 16  # shard headers read at once
+
+
 def open_checkpoint(ref: str, location: str, storage: Storage = LOCAL) -> Checkpoint:
     """Read the index and shard headers of the model at `location` (config reference `ref`)."""
     files = ModelFiles(location, storage)
@@ -132,11 +136,19 @@ def open_checkpoint(ref: str, location: str, storage: Storage = LOCAL) -> Checkp
         weight_map = _shard_names_from_index(index_url, files.read(index_url))
         shard_names = sorted(set(weight_map.values()))
         tensors: Dict[str, TensorInfo] = {}
-        for shard in shard_names:
+
+        def shard_header(shard: str) -> Tuple[str, str, Dict[str, TensorInfo], Tuple[int, str]]:
             shard_url = files.url(shard)
             if not files.exists(shard_url):
                 raise InputError(f"{index_url}: names shard {shard!r}, which does not exist")
-            header, versions[shard_url] = _read_shard(files, shard_url)
+            return (shard, shard_url, *_read_shard(files, shard_url))
+
+        # Shard headers are read concurrently (on S3 each costs a few requests' latency); the
+        # results, and the first error, come in shard-name order whatever finishes first.
+        with ThreadPoolExecutor(min(HEADER_READERS, len(shard_names)), thread_name_prefix="headers") as pool:
+            read = list(pool.map(shard_header, shard_names))
+        for shard, shard_url, header, version in read:
+            versions[shard_url] = version
             for name, info in header.items():
                 if weight_map.get(name) == shard:
                     tensors[name] = info
