@@ -74,7 +74,7 @@ What is measured and what is assumed:
   flight); NIC [10 Gb/s, full duplex]; per-node S3 GET rate [= NIC: s3fs with 8 concurrent
   8 MiB ranged GETs per task, 32 tasks a node, is taken to reach line rate]; Ray object
   transfer between nodes [= NIC]; per-connection S3 PUT rate [90 MB/s, the order of AWS's
-  per-request guidance; not verified here] and the writer's 4 upload threads
+  per-request guidance; not verified here] and the writer's upload threads
   (`distmerge.output.multipart.UPLOAD_THREADS`); S3 request latency [50 ms; AWS quotes
   100-200 ms first-byte latency]; Ray start [10 s]; Ray task overhead [10 ms a task];
   S3 client CPU per byte = the measured AES-GCM + two copies (primitives only, without

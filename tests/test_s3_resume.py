@@ -204,3 +204,32 @@ def test_multipart_state_is_recovered_part_by_part(s3):
         assert fs.cat_file(f"{url}/{name}") == data
         block = [checksum.block_digest(data[a:a + part]) for a in range(0, size, part)]
         assert result["checksums"][name] == checksum.combine(block)
+
+
+def test_slow_uploads_hold_the_writer_back_instead_of_filling_its_memory(s3):
+    """Parts fill faster than they upload: `write` waits once UPLOAD_THREADS +
+    MAX_QUEUED_PARTS parts are pending, so the parts held in memory stay bounded."""
+    import numpy as np
+
+    from distmerge.io.layout import OutputLayout, OutputShard
+    from distmerge.output.multipart import MAX_QUEUED_PARTS, UPLOAD_THREADS, MultipartShardWriter
+
+    part = 5 * 2**20
+    parts = UPLOAD_THREADS + MAX_QUEUED_PARTS + 6
+    layout = OutputLayout((OutputShard("model-00001-of-00001.safetensors", b"", (), {}, parts * part),))
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=bucket)
+    s3.proxy.fault = lambda method, path, headers: time.sleep(0.3) if "partNumber=" in path else None
+    block = np.zeros(part, dtype=np.uint8)
+    try:
+        writer = MultipartShardWriter(f"s3://{bucket}/out", layout, Storage(s3.options), part)
+        held = []
+        for i in range(parts):
+            writer.write([(0, i * part, part)], block)
+            held.append(len(writer.futures))
+        writer.finalize()
+    finally:
+        s3.proxy.fault = None
+    assert max(held) == UPLOAD_THREADS + MAX_QUEUED_PARTS
+    assert s3.client().head_object(Bucket=bucket, Key="out/model-00001-of-00001.safetensors")["ContentLength"] == \
+        parts * part

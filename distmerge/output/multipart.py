@@ -39,7 +39,11 @@ MIN_PART_SIZE = 5 * 2**20
 MAX_PART_SIZE = 5 * 2**30
 MAX_PARTS = 10_000
 DEFAULT_PART_SIZE = 64 * 2**20
-UPLOAD_THREADS = 4
+UPLOAD_THREADS = 8  # parts uploaded at once
+# Parts filled but not yet uploaded, at most: past this, `write` waits for uploads, which holds
+# the driver back (its writes are acknowledged later), so the writer's memory stays bounded
+# (about (UPLOAD_THREADS + MAX_QUEUED_PARTS) x part size) however slow the uploads are.
+MAX_QUEUED_PARTS = 8
 MARKERS = ".distmerge-parts"
 
 
@@ -322,6 +326,8 @@ class MultipartShardWriter:
             self._put(shard, offset, view[position:position + length])
             position += length
         self._raise_upload_errors(wait=False)
+        while len(self.futures) > UPLOAD_THREADS + MAX_QUEUED_PARTS:
+            self.futures.pop(0).result()
         return position
 
     def _raise_upload_errors(self, wait: bool) -> None:
