@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -46,6 +47,12 @@ def _free_ports(count: int) -> list:
             s.close()
 
 
+def _ray_command() -> str:
+    """The `ray` script of this interpreter's environment (not whatever `ray` is on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "ray")
+    return beside if os.access(beside, os.X_OK) else "ray"
+
+
 class RayHead:
     """`ray start --head --block` in its own process group, every port chosen here and bound
     to 127.0.0.1; stopped by that process group, never by name."""
@@ -57,9 +64,11 @@ class RayHead:
                  "--metrics-export-port")
         self.dashboard_port, *chosen = _free_ports(len(flags) + 1)
         ports = dict(zip(flags, chosen))
-        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        # The jobs run `distmerge` from the head's PATH: this environment's scripts come first.
+        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                   PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
         env.pop("RAY_ADDRESS", None)
-        command = ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        command = [_ray_command(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                    "--num-cpus", "2", "--object-store-memory", str(300 * 2**20), "--temp-dir", self.temp_dir,
                    "--disable-usage-stats", *[str(x) for item in ports.items() for x in item]]
