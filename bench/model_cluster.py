@@ -48,8 +48,9 @@ Nothing here runs on a cluster or touches S3. The script
      the ragged end at the barrier).
 
    Fixed costs are added once: Ray (join the cluster, start worker processes and import
-   torch), planning (measured CPU + the counted requests x S3 latency, made one after the
-   other), the writer's start (create one multipart upload per shard, one at a time) and
+   torch), planning (measured CPU + the counted requests x S3 latency / the requests in
+   flight: every input at once, HEADER_READERS shard headers each, at most one S3 client's
+   10 connections), the writer's start (create one multipart upload per shard, one at a time) and
    the commit (complete each upload, remove the part markers, companion files, index).
    The "no overlap" column adds compute and S3 read instead of taking their maximum: a task
    fetches its inputs, then computes, so overlap comes only from many tasks per node.
@@ -112,7 +113,7 @@ import torch
 from distmerge.api import plan as plan_merge
 from distmerge.config import load_config
 from distmerge.engine.worker import WHOLE_GROUP, apply_unit, collect_unit
-from distmerge.io.checkpoint import ModelFiles
+from distmerge.io.checkpoint import HEADER_READERS, ModelFiles
 from distmerge.methods import get_method
 from distmerge.output.multipart import DEFAULT_PART_SIZE, UPLOAD_THREADS, part_count
 from distmerge.planner import MergePlan
@@ -574,6 +575,15 @@ class Estimate:
         return "; ".join(f"{r.name.split(':')[0]}: {r.bound}" for r in self.rounds)
 
 
+S3_CLIENT_CONNECTIONS = 10  # aiobotocore's default connection pool of one s3fs filesystem
+
+
+def planning_concurrency(w: Workload) -> int:
+    """Header requests in flight while planning: every input at once, HEADER_READERS shard
+    headers at a time each, through one S3 client's connection pool."""
+    return max(1, min(S3_CLIENT_CONNECTIONS, len(w.read_bytes_by_input) * HEADER_READERS))
+
+
 def fixed_costs(w: Workload, cluster: Cluster) -> Dict[str, float]:
     plan_requests = sum(w.plan_requests.values())
     # commit: complete + marker per shard; list and delete the part markers (1,000 a request);
@@ -581,7 +591,7 @@ def fixed_costs(w: Workload, cluster: Cluster) -> Dict[str, float]:
     commit_requests = 2 * w.output_shards + 2 * math.ceil(w.output_parts / 1000) + 10
     return {
         "ray start": cluster.ray_start,
-        "planning": w.plan_seconds * cluster.cpu_scale + plan_requests * cluster.latency,
+        "planning": w.plan_seconds * cluster.cpu_scale + plan_requests * cluster.latency / planning_concurrency(w),
         "writer start": (w.output_shards + 5) * cluster.latency,  # uploads created one by one; lock, manifest
         "commit": commit_requests * cluster.latency,
     }
@@ -708,7 +718,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  round {r.name}: {r.tasks} tasks, {sum(r.elements.values()) / 1e9:.1f} G elements, "
               f"reads {r.read_bytes / GB:.1f} GB, output {r.out_bytes / GB:.1f} GB")
     print(f"  planning (local headers): {w.plan_seconds:.2f} s CPU, {sum(w.plan_requests.values())} storage "
-          f"requests ({', '.join(f'{k} {v}' for k, v in sorted(w.plan_requests.items()))}), made one by one")
+          f"requests ({', '.join(f'{k} {v}' for k, v in sorted(w.plan_requests.items()))}), "
+          f"{planning_concurrency(w)} at a time")
     print(f"measured (1 thread, best of {args.repeats}; ns per element of one output element, all 4 inputs):")
     for name, m in worker.items():
         print(f"  {name:<10} ({m['pieces']} piece(s) of {m['piece_elements'] / 1e6:.1f}M elements): "
