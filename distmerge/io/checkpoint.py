@@ -73,7 +73,7 @@ class ModelFiles:
         try:
             return self.fs.info(self._path(url))
         except Exception as err:  # noqa: BLE001 - mapped to a clear error
-            raise storage_error(url, err) from None
+            raise storage_error(url, err) from err
 
     def exists(self, url: str) -> bool:
         try:
@@ -81,13 +81,13 @@ class ModelFiles:
         except FileNotFoundError:
             return False
         except Exception as err:  # noqa: BLE001
-            raise storage_error(url, err) from None
+            raise storage_error(url, err) from err
 
     def read(self, url: str, start=None, end=None) -> bytes:
         try:
             return self.fs.cat_file(self._path(url), start=start, end=end)
         except Exception as err:  # noqa: BLE001
-            raise storage_error(url, err) from None
+            raise storage_error(url, err) from err
 
     def list_names(self) -> List[str]:
         try:
@@ -95,14 +95,14 @@ class ModelFiles:
         except FileNotFoundError:
             return []
         except Exception as err:  # noqa: BLE001
-            raise storage_error(self.root, err) from None
+            raise storage_error(self.root, err) from err
 
 
 def _shard_names_from_index(index_url: str, raw: bytes) -> Dict[str, str]:
     try:
         index = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{index_url}: cannot read the index ({err})") from None
+        raise InputError(f"{index_url}: cannot read the index ({err})") from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"{index_url}: the index has no 'weight_map' object")
