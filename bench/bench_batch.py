@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-from typing import Iterator
 
 import yaml
 
@@ -33,19 +32,9 @@ from bench_vs_mergekit import SHAPES  # noqa: E402 - bench/ is not a package; th
 from common import console_script, format_bytes, make_or_reuse_models, run_measured  # noqa: E402
 
 from distmerge.synthetic import ties_config  # noqa: E402
+from seaweed import SeaweedS3  # noqa: E402 - tests/seaweed.py: weed mini on free loopback ports
 
 DENSITIES = {"a": 0.3, "b": 0.5, "c": 0.7}
-
-
-@contextlib.contextmanager
-def seaweed() -> Iterator[object]:
-    from seaweed import SeaweedS3  # tests/seaweed.py: weed mini on free loopback ports
-
-    server = SeaweedS3()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def main() -> int:
@@ -58,12 +47,11 @@ def main() -> int:
     root = os.path.join(args.work, "batch-s3" if args.s3 else "batch")
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
-    with (seaweed() if args.s3 else contextlib.nullcontext()) as server:
+    with (SeaweedS3() if args.s3 else contextlib.nullcontext()) as server:
         extra = []
         if server is not None:
             server.create_bucket("batch")
-            options = {"endpoint_url": server.url, "key": server.key, "secret": server.secret,
-                       "client_kwargs": {"region_name": server.region}}
+            options = server.storage_options()
             extra = ["--storage-options", json.dumps(options)]
             import s3fs
 

@@ -108,12 +108,8 @@ def seaweed_s3() -> Iterator[dict]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from seaweed import SeaweedS3
 
-    server = SeaweedS3()
-    try:
-        yield {"endpoint_url": server.url, "key": server.key, "secret": server.secret,
-               "client_kwargs": {"region_name": server.region}}
-    finally:
-        server.stop()
+    with SeaweedS3() as server:
+        yield server.storage_options()
 
 
 def s3_filesystem(options: dict):

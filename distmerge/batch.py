@@ -85,25 +85,16 @@ def _now() -> str:
 
 def list_requests(source: str, storage: Storage) -> List[str]:
     """The request files directly under `source` (a directory or prefix), in name order."""
-    if not is_remote(source):
-        if not os.path.isdir(source):
-            raise ConfigError(f"{source}: no such directory of merge requests")
-        names = [n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n))]
-        return [os.path.join(os.path.abspath(source), n) for n in sorted(names) if n.endswith(REQUEST_SUFFIXES)]
-    fs = storage.filesystem(source)
+    remote = is_remote(source)
+    root = source.rstrip("/") if remote else os.path.abspath(source)
+    if not remote and not os.path.isdir(root):
+        raise ConfigError(f"{source}: no such directory of merge requests")
     try:
-        entries = fs.ls(source.rstrip("/"), detail=True, refresh=True)
-    except FileNotFoundError:
+        entries = storage.filesystem(source).ls(root, detail=True, refresh=True)
+    except FileNotFoundError:  # an S3 prefix with nothing under it yet
         entries = []
     names = sorted(posixpath.basename(e["name"]) for e in entries if e.get("type") == "file")
-    return [join(source.rstrip("/"), n) for n in names if n.endswith(REQUEST_SUFFIXES)]
-
-
-def _read(url: str, storage: Storage) -> bytes:
-    if not is_remote(url):
-        with open(url, "rb") as f:
-            return f.read()
-    return storage.filesystem(url).cat_file(url)
+    return [join(root, n) for n in names if n.endswith(REQUEST_SUFFIXES)]
 
 
 def load_request(url: str, text: str) -> Tuple[MergeConfig, str]:
@@ -213,7 +204,8 @@ class Batch:
         started = time.perf_counter()
         result = RequestResult(request=url)
         try:
-            config, result.output = load_request(url, _read(url, self.storage).decode("utf-8"))
+            text = self.storage.filesystem(url).cat_file(url).decode("utf-8")
+            config, result.output = load_request(url, text)
             job = MergeJob(config, result.output, self.options, purpose=PURPOSE)
             job.make_plan()
             if job.is_done():

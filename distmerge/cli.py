@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -197,28 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _merge(args: argparse.Namespace) -> int:
-    from distmerge.api import merge
+def _merge_options(args: argparse.Namespace):
+    """The MergeOptions the flags of `args` set (a flag the command lacks keeps its default)."""
+    from distmerge.job import MergeOptions
 
-    summary = merge(args.config, args.out, address=args.address, num_workers=args.num_workers,
-                    shard_size=args.shard_size, memory_per_worker=args.memory_per_worker,
-                    overwrite=args.overwrite, progress=not args.no_progress,
-                    threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
-                    part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart,
-                    check_inputs=args.check_inputs, random_seed=args.random_seed)
-    print(summary.format())
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MergeOptions) if hasattr(args, f.name)}
+    values["progress"] = not getattr(args, "no_progress", True)
+    return MergeOptions(**values)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from distmerge.job import MergeJob
+
+    print(MergeJob(args.config, args.out, _merge_options(args)).execute().format())
     return 0
 
 
 def _batch(args: argparse.Namespace) -> int:
     from distmerge.batch import run_batch
-    from distmerge.job import MergeOptions
 
-    options = MergeOptions(address=args.address, num_workers=args.num_workers, shard_size=args.shard_size,
-                           memory_per_worker=args.memory_per_worker, overwrite=args.overwrite,
-                           threads_per_worker=args.threads_per_worker, storage_options=args.storage_options,
-                           part_size=args.part_size, allow_nonfinite=args.allow_nonfinite, restart=args.restart,
-                           check_inputs=args.check_inputs, random_seed=args.random_seed)
+    options = _merge_options(args)
 
     def show(result) -> None:
         line = f"{result.status:8} {result.request}"

@@ -59,9 +59,8 @@ class S3Endpoint:
             raise
         self.key, self.secret = self.server.key, self.server.secret
         self.url = f"http://127.0.0.1:{self.proxy.port}"
-        self.options = {"endpoint_url": self.url, "key": self.key, "secret": self.secret,
-                        "client_kwargs": {"region_name": self.server.region}}
-        self.direct = {**self.options, "endpoint_url": self.server.url}
+        self.options = self.server.storage_options(self.url)
+        self.direct = self.server.storage_options()
 
     def filesystem(self, direct: bool = True):
         import s3fs

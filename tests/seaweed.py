@@ -207,3 +207,14 @@ class SeaweedS3:
     def stop(self) -> None:
         self._kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "SeaweedS3":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def storage_options(self, endpoint_url: Optional[str] = None) -> Dict[str, object]:
+        """fsspec/s3fs options for this server (or for a proxy in front of it, at `endpoint_url`)."""
+        return {"endpoint_url": endpoint_url or self.url, "key": self.key, "secret": self.secret,
+                "client_kwargs": {"region_name": self.region}}

@@ -166,6 +166,5 @@ def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[di
     dest.write("mergekit_config.yml", (card_config_text(plan) + "\n").encode())
     dest.write("README.md", model_card(plan).encode())
     extra = {"distmerge_checksums": checksums, "distmerge_checksum_algorithm": checksum_algorithm} if checksums else {}
-    fingerprints = resume.fingerprints(plan)
-    extra[resume.INDEX_FINGERPRINTS] = {key: fingerprints[key] for key in resume.REQUEST_FINGERPRINTS}
+    extra[resume.INDEX_FINGERPRINTS] = resume.request_fingerprints(plan)
     dest.write(INDEX_NAME, plan.layout.index_json(extra).encode())

@@ -129,8 +129,7 @@ class Destination:
         recorded = metadata.get(resume.INDEX_FINGERPRINTS) if isinstance(metadata, dict) else None
         if not isinstance(recorded, dict):
             return False
-        now = resume.fingerprints(plan)
-        return all(recorded.get(key) == now[key] for key in resume.REQUEST_FINGERPRINTS)
+        return recorded == resume.request_fingerprints(plan)
 
     def recorded_options(self) -> dict:
         """The options of an interrupted merge here (empty if none), so a resume plans alike."""

@@ -60,12 +60,19 @@ def merge_settings(config_text: str) -> object:
     return raw
 
 
+def request_fingerprints(plan: MergePlan) -> Dict[str, str]:
+    """The fingerprints (REQUEST_FINGERPRINTS) of what was asked for: the config and the inputs' versions."""
+    return {
+        "config": _digest(merge_settings(plan.config.text)),
+        "inputs": _digest([sorted(c.versions.items()) for c in plan.checkpoints]),
+    }
+
+
 def fingerprints(plan: MergePlan, part_size: int = 0) -> Dict[str, str]:
     units = [[(p.meta.tensor, p.meta.row_start, p.meta.row_end, p.shard, p.out_offset, p.out_nbytes)
               for p in u.pieces] for u in plan.units]
     return {
-        "config": _digest(merge_settings(plan.config.text)),
-        "inputs": _digest([sorted(c.versions.items()) for c in plan.checkpoints]),
+        **request_fingerprints(plan),
         "plan": _digest([plan.layout.index_json(), [s.header.hex() for s in plan.layout.shards], units]),
         "parts": _digest(part_size),
         "seed": _digest(plan.seed),
