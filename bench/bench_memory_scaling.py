@@ -20,7 +20,7 @@ How to read the output:
   budget (it is above the budget at every size, so that tensor is always split and its
   top-k threshold is reduced across pieces). Input bytes are per model.
 - "memory": per-process peaks. "worker" is the largest peak over the Ray worker
-  processes that ran `apply_unit` / `collect_unit` tasks, as sampled; "worker VmHWM" is
+  processes that ran `merge_unit` / `collect_unit` tasks, as sampled; "worker VmHWM" is
   the largest worker high-water mark that distmerge itself reports (exact, where the
   sampler can miss peaks shorter than its interval); "writer" is the ShardWriter
   actor, "driver" the `distmerge` CLI process, "ray other" the sum of the peaks of Ray's
@@ -78,7 +78,7 @@ DENSITIES = (0.5, 0.5)
 DTYPE = "bfloat16"
 NUM_WORKERS = 2
 TOLERANCE = 1.20
-WORKER_TASKS = ("ray::apply_unit", "ray::collect_unit")
+WORKER_TASKS = ("ray::merge_unit", "ray::collect_unit")
 WRITER = "ray::ShardWriter"
 WORKER_SUMMARY = re.compile(r"largest worker ([0-9.]+ [A-Za-z]+)")
 
@@ -138,7 +138,7 @@ def plan_facts(merge_plan: MergePlan) -> PlanFacts:
 class NamingSampler(ProcessTreeSampler):
     """A ProcessTreeSampler that also remembers every name each process had while sampled.
 
-    Ray workers change their title with the task they run (`ray::IDLE`, `ray::apply_unit`,
+    Ray workers change their title with the task they run (`ray::IDLE`, `ray::merge_unit`,
     `ray::collect_unit`), so a process is a merge worker if it ever carried a task's name.
     """
 

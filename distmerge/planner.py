@@ -10,7 +10,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import psutil
 import torch
@@ -20,6 +20,7 @@ from distmerge.errors import ConfigError, InputError
 from distmerge.io.checkpoint import Checkpoint, ModelFiles, open_checkpoint
 from distmerge.io.header import TensorInfo
 from distmerge.io.dtypes import SAFETENSORS_TO_TORCH, TORCH_DTYPE_NAMES, TORCH_TO_SAFETENSORS
+from distmerge.io.storage import is_remote
 from distmerge.io.layout import OutputLayout, OutputTensor, natural_key, plan_layout
 from distmerge.methods.base import PieceMeta, ResolvedParams, StatisticsPlan
 from distmerge.sizes import format_bytes
@@ -73,8 +74,14 @@ class Piece:
 
 @dataclass(frozen=True)
 class WorkUnit:
+    """Pieces one task merges, in order. A *streamed* unit holds every piece of one tensor
+    whose statistics need the whole tensor: its task runs each phase over the pieces one
+    at a time, reading each input byte from storage once (remote ones are kept in a local
+    scratch copy between passes), and sends each piece's output as soon as it is merged."""
+
     index: int
     pieces: Tuple[Piece, ...]
+    streamed: bool = False
 
     @property
     def read_bytes(self) -> int:
@@ -88,8 +95,29 @@ class WorkUnit:
     def memory(self) -> int:
         return max(p.memory for p in self.pieces)
 
+    @property
+    def chunks(self) -> Tuple[Tuple[Piece, ...], ...]:
+        """The pieces whose output bytes the task sends together, in order: one chunk per
+        piece for a streamed unit, else the whole unit."""
+        return tuple((p,) for p in self.pieces) if self.streamed else (self.pieces,)
+
+    @property
+    def window_bytes(self) -> int:
+        """Output bytes the unit holds at once before they are written (what the driver
+        counts against its in-flight budget)."""
+        return max(sum(p.out_nbytes for p in chunk) for chunk in self.chunks) * (2 if self.streamed else 1)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Local scratch space its task may need: a streamed unit's remote input bytes."""
+        if not self.streamed:
+            return 0
+        return sum(s.nbytes for p in self.pieces for s in p.sources if is_remote(s.path))
+
     def describe(self) -> str:
         p = self.pieces[0]
+        if self.streamed:
+            return f"{p.meta.tensor} (streamed, {len(self.pieces)} row ranges)"
         if len(self.pieces) == 1:
             rows = p.meta.shape[0] if p.meta.shape else 1
             if p.meta.row_end - p.meta.row_start == rows:
@@ -108,8 +136,8 @@ class ReductionGroup:
 
     @property
     def distributed(self) -> bool:
-        """Needs statistics passes across pieces (else each piece runs on its own)."""
-        return self.statistics.passes > 0 and len(self.pieces) > 1
+        """Needs statistics passes across units (else one task runs the group's whole protocol)."""
+        return self.statistics.passes > 0 and len({u for u, _ in self.pieces}) > 1
 
 
 @dataclass(frozen=True)
@@ -221,7 +249,7 @@ def plan_merge(config: MergeConfig, *, shard_size: int = DEFAULT_SHARD_SIZE,
     layout = plan_layout([OutputTensor(s.name, TORCH_TO_SAFETENSORS[s.out_dtype], s.shape,
                                        s.numel * s.out_dtype.itemsize) for s in specs], shard_size)
     pieces = _cut_pieces(config, specs, checkpoints, layout, budget, seed)
-    units = _pack_units(pieces, budget)
+    units = _pack_units(pieces, budget, _streamed_groups(config, pieces))
     groups = _reduction_groups(config, units)
     return MergePlan(config, checkpoints, tuple(units), groups, layout, budget, tuple(notes), seed,
                      layer_sources=layer_sources)
@@ -466,19 +494,48 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
     return pieces
 
 
-def _pack_units(pieces: Sequence[Piece], budget: int) -> List[WorkUnit]:
-    """Consecutive pieces packed into units of up to min(budget, PACK_TARGET) working memory."""
+def _streamed_groups(config: MergeConfig, pieces: Sequence[Piece]) -> Set[str]:
+    """Per-tensor reduction groups cut into several pieces whose method needs statistics:
+    each becomes one streamed unit, so its inputs are read once, not once per phase and
+    again to apply. A model-wide group (`density_scope: model`) spans every tensor and
+    stays spread over the units."""
+    members: Dict[str, List[Piece]] = {}
+    for piece in pieces:
+        members.setdefault(piece.group, []).append(piece)
+    streamed = set()
+    for gid, group in members.items():
+        if len(group) > 1 and len({p.meta.tensor for p in group}) == 1:
+            if config.method.plan_statistics([p.meta for p in group]).passes > 0:
+                streamed.add(gid)
+    return streamed
+
+
+def _pack_units(pieces: Sequence[Piece], budget: int, streamed: Set[str] = frozenset()) -> List[WorkUnit]:
+    """Consecutive pieces packed into units of up to min(budget, PACK_TARGET) working
+    memory; the pieces of each `streamed` group (consecutive: one tensor's rows) make one
+    streamed unit."""
     units: List[WorkUnit] = []
     batch: List[Piece] = []
     batch_memory = 0
+
+    def flush(streamed_unit: bool = False) -> None:
+        nonlocal batch, batch_memory
+        if batch:
+            units.append(WorkUnit(len(units), tuple(batch), streamed=streamed_unit))
+        batch, batch_memory = [], 0
+
     for piece in pieces:
-        if batch and batch_memory + piece.memory > min(budget, PACK_TARGET):
-            units.append(WorkUnit(len(units), tuple(batch)))
-            batch, batch_memory = [], 0
+        if batch:
+            last = batch[-1]
+            if piece.group in streamed or last.group in streamed:
+                full = piece.group != last.group
+            else:
+                full = batch_memory + piece.memory > min(budget, PACK_TARGET)
+            if full:
+                flush(last.group in streamed)
         batch.append(piece)
         batch_memory += piece.memory
-    if batch:
-        units.append(WorkUnit(len(units), tuple(batch)))
+    flush(bool(batch) and batch[-1].group in streamed)
     return units
 
 
@@ -508,10 +565,17 @@ def format_plan(plan: MergePlan, units: bool = False) -> str:
     lines.append("phases (tensors: statistics phases, then apply):")
     for names, count in sorted(plan.phase_lists().items(), key=lambda item: (len(item[0]), item[0])):
         lines.append(f"  {count:>5}: {' -> '.join(names + ('apply',))}")
+    streamed = [u for u in plan.units if u.streamed]
+    if streamed:
+        scratch = max(u.scratch_bytes for u in streamed)
+        lines.append(f"streamed units: {len(streamed)} (a tensor over the memory budget whose statistics need "
+                     "all of it: one task reads its row ranges once for every phase and apply"
+                     + (f"; remote inputs kept in local scratch, at most {format_bytes(scratch)} per task"
+                        if scratch else "") + ")")
     if plan.statistics_passes:
         dist = sum(1 for g in plan.groups.values() if g.distributed)
-        lines.append(f"reduction groups across units: {dist} (each piece read once per phase, then to apply; "
-                     f"at most {plan.statistics_passes} phase(s))")
+        lines.append(f"reduction groups across units: {dist} (a model-wide statistic: every piece is read once "
+                     f"per phase, then again to apply; at most {plan.statistics_passes} phase(s))")
     if cfg.method.uses_random:
         lines.append(f"random seed: {plan.seed}" + (
             " (drawn for this plan; a merge without --random-seed or random_seed draws its own)"

@@ -34,7 +34,7 @@ def main(config: str, root: str) -> None:
             deadline = time.time() + 120
             while time.time() < deadline:
                 try:
-                    busy = any("apply_unit" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
+                    busy = any("merge_unit" in " ".join(p.cmdline()) for p in raylet.children(recursive=True))
                 except psutil.Error:
                     busy = False
                 if busy:

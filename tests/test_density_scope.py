@@ -9,6 +9,7 @@ import torch
 
 import distmerge
 from distmerge.methods import topk
+from distmerge.planner import format_plan
 from distmerge.synthetic import ties_config
 from helpers import bits, load_checkpoint, write_yaml
 
@@ -86,3 +87,21 @@ def test_model_scope_rejects_per_tensor_densities(model_factory, tmp_path):
     cfg["models"][0]["parameters"]["density"] = [{"filter": "mlp", "value": 0.3}, {"value": 0.5}]
     with pytest.raises(distmerge.ConfigError, match=r"models\[0\].parameters.density.*one density per model"):
         distmerge.plan(write_yaml(str(tmp_path / "m.yml"), cfg))
+
+
+def test_plan_counts_reads_per_input(model_factory, tmp_path):
+    """Per-tensor statistics read every input byte once whatever the budget (streamed
+    units); a model-wide statistic reads each piece once per phase, then to apply, and
+    the plan says so."""
+    paths = model_factory(torch.bfloat16)
+    sizes = None
+    for scope, reads in (("tensor", 1), ("model", 2)):
+        cfg = ties_config(paths, extra={"density_scope": scope})
+        plan = distmerge.plan(write_yaml(str(tmp_path / f"{scope}.yml"), cfg), memory_per_worker=40 * 1024)
+        sizes = [sum(info.nbytes for info in ckpt.tensors.values()) for ckpt in plan.checkpoints]
+        assert plan.read_bytes_by_input() == [reads * size for size in sizes]
+        text = format_plan(plan)
+        if scope == "tensor":
+            assert any(u.streamed for u in plan.units) and "streamed units: " in text
+        else:
+            assert not any(u.streamed for u in plan.units) and "a model-wide statistic" in text

@@ -30,7 +30,7 @@ def config_path(model_factory, tmp_path_factory):
 def _merge_workers():
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "apply_unit" in " ".join(proc.cmdline()) or proc.name().startswith("ray::apply"):
+            if "merge_unit" in " ".join(proc.cmdline()) or proc.name().startswith("ray::merge"):
                 yield proc
         except psutil.Error:
             continue

@@ -99,7 +99,7 @@ def test_plan_command_reads_headers_only(config_path, capsys, tmp_path, monkeypa
                  "--shard-size", "100KB", "--units"]) == 0
     text = capsys.readouterr().out
     for fragment in ("merge_method: ties", "work units:", "inputs (bytes read):", "output: ", "largest unit:",
-                     "model-00001-of-", "split tensors:", "[rows 0:", "peak ~"):
+                     "model-00001-of-", "split tensors:", "(streamed, ", "streamed units: ", "peak ~"):
         assert fragment in text
     assert not (tmp_path / "out").exists()
 

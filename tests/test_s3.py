@@ -3,7 +3,9 @@ byte ranges, outputs written as multipart uploads, bit-identical to local merges
 
 from __future__ import annotations
 
+import glob
 import os
+import tempfile
 import uuid
 
 import pytest
@@ -76,19 +78,30 @@ def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_pat
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
-def test_bytes_fetched_match_the_plan(ray_local, s3, s3_models, tmp_path):
+@pytest.mark.parametrize("budget", [None, 64 * 1024], ids=["default-budget", "streamed-units"])
+def test_bytes_fetched_match_the_plan(ray_local, s3, s3_models, tmp_path, budget):
+    """Every input byte is fetched once, also when tensors are cut into row ranges whose
+    statistics need the whole tensor (streamed units keep a scratch copy between passes)."""
     _, urls, _ = s3_models
     cfg = _config(tmp_path, urls)
-    plan = distmerge.plan(cfg, storage_options=s3.options)
+    plan = distmerge.plan(cfg, storage_options=s3.options, memory_per_worker=budget)
     needed = sum(plan.read_bytes_by_input())
+    tensor_bytes = sum(info.nbytes for ckpt in plan.checkpoints for info in ckpt.tensors.values())
+    assert needed == tensor_bytes
+    assert any(u.streamed for u in plan.units) == (budget is not None)
+    scratch_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "distmerge-scratch-*")))
     s3.proxy.reset()
     distmerge.plan(cfg, storage_options=s3.options)
     headers_only = s3.proxy.get_bytes
     assert headers_only < 0.05 * needed  # planning reads headers and indexes, not tensors
     s3.proxy.reset()
-    distmerge.merge(cfg, str(tmp_path / "out"), storage_options=s3.options, num_workers=2)
+    distmerge.merge(cfg, str(tmp_path / "out"), storage_options=s3.options, num_workers=2, memory_per_worker=budget)
     fetched = s3.proxy.get_bytes
     assert needed <= fetched <= needed * 1.02 + 2 * headers_only + 64 * 1024
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "distmerge-scratch-*"))) == scratch_before
+    if budget is not None:
+        distmerge.merge(_config(tmp_path, s3_models[0], "local.yml"), str(tmp_path / "local"), num_workers=2)
+        assert shard_bytes(str(tmp_path / "out")) == shard_bytes(str(tmp_path / "local"))
 
 
 def test_multipart_shard_of_several_parts(ray_local, s3, model_factory, tmp_path):

@@ -1,7 +1,8 @@
 """The driver: statistics passes, then apply, with bounded in-flight work.
 
-Units are Ray tasks (retried by Ray if their worker dies); their output bytes go
-straight from the object store to the writer actor without passing through the driver.
+Units are Ray generator tasks (retried by Ray if their worker dies): each yields its output
+chunk by chunk (a streamed unit piece by piece), and the bytes go straight from the object
+store to the writer actor without passing through the driver.
 At most `max_in_flight` units are computing or waiting to be written at any time,
 and never more than `max_in_flight_bytes` of output.
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from distmerge.engine.writer import WriterActor
-from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, apply_unit, collect_unit, scan_unit
+from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, scan_unit
 from distmerge.errors import DistmergeError, MergeFailed, OutputFull, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
@@ -46,6 +47,17 @@ def _failure(unit: WorkUnit, err: BaseException) -> DistmergeError:
     return MergeFailed(f"work unit #{unit.index} ({unit.describe()}) failed: {type(cause).__name__}: {cause}")
 
 
+@dataclass(eq=False)
+class _UnitRun:
+    """One unit being merged: its task's generator, and how many chunks were yielded and written."""
+
+    unit: WorkUnit
+    generator: Any
+    yielded: int = 0
+    written: int = 0
+    computed: bool = False  # its task has finished (stats received)
+
+
 class Driver:
     def __init__(self, plan: MergePlan, *, max_in_flight: int, max_in_flight_bytes: int,
                  threads_per_worker: int = 1, allow_nonfinite: bool = False) -> None:
@@ -73,7 +85,9 @@ class Driver:
         self.position = {ref: i for g in plan.groups.values() for i, ref in enumerate(g.pieces)}
         options = dict(num_cpus=threads_per_worker, max_retries=TASK_RETRIES, retry_exceptions=False)
         self.collect_task = ray.remote(collect_unit).options(**options)
-        self.apply_task = ray.remote(apply_unit).options(num_returns=2, **options)
+        # A generator task: its chunks stream out while it runs, at most two waiting unread.
+        self.merge_task = ray.remote(merge_unit).options(num_returns="streaming",
+                                                         _generator_backpressure_num_objects=2, **options)
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -162,49 +176,87 @@ class Driver:
         return carries
 
     def run_apply(self, reduced: Dict[str, List[Any]]) -> None:
-        method_name = self.plan.config.method.name
-        done = self.durable | self.acknowledged
-        pending = [u for u in self.plan.units if u.index not in done]
-        computing: Dict[Any, tuple] = {}  # stats ref -> (unit, data ref)
-        writing: Dict[Any, tuple] = {}  # write ref -> (unit, data ref)
+        """Merge every unit the writer does not hold yet, at most `max_in_flight` at a time
+        and about `max_in_flight_bytes` of output waiting to be written; each chunk of output
+        goes to the writer as soon as its task yields it (a streamed unit's piece by piece)."""
+        pending = self._in_start_order(self.durable | self.acknowledged)
+        producing: Dict[Any, _UnitRun] = {}  # generator -> its run, until its stats arrive
+        writing: Dict[Any, Tuple[_UnitRun, Any]] = {}  # write ref -> (run, data ref)
+        active: Dict[int, _UnitRun] = {}
         in_flight_bytes = 0
-        while pending or computing or writing:
-            while pending and len(computing) + len(writing) < self.max_in_flight and (
-                    in_flight_bytes == 0 or in_flight_bytes + pending[0].out_bytes <= self.max_in_flight_bytes):
-                unit = pending.pop(0)
-                carries = self.unit_carries(unit, reduced)
-                stats_ref, data_ref = self.apply_task.remote(unit, method_name, carries, self.plan.config.storage,
-                                                             self.threads, self.allow_nonfinite)
-                computing[stats_ref] = (unit, data_ref)
-                in_flight_bytes += unit.out_bytes
-            ready = self._wait(list(computing) + list(writing))
-            for ref in ready:
-                if ref in computing:
-                    unit, data_ref = computing.pop(ref)
+        while pending or active:
+            while pending and len(active) < self.max_in_flight and (
+                    in_flight_bytes == 0 or in_flight_bytes + pending[0].window_bytes <= self.max_in_flight_bytes):
+                run = self._start(pending.pop(0), reduced)
+                producing[run.generator] = active[run.unit.index] = run
+                in_flight_bytes += run.unit.window_bytes
+            for ref in self._wait(list(producing) + list(writing)):
+                if ref in producing:
+                    run = producing[ref]
                     try:
-                        self.stats.add(self.ray.get(ref))
+                        item = next(ref)
+                    except StopIteration:  # the task failed: its last chunk's write reports why
+                        del producing[ref]
+                        continue
+                    if run.yielded < len(run.unit.chunks):
+                        writing[self._write(run, item)] = (run, item)
+                        continue
+                    del producing[ref]
+                    try:
+                        self.stats.add(self.ray.get(item))
                     except Exception as err:  # noqa: BLE001
-                        raise _failure(unit, err) from err
-                    writing[self._write(unit, data_ref)] = (unit, data_ref)
-                    continue
-                unit, data_ref = writing.pop(ref)
-                try:
-                    self.stats.written_bytes += self.ray.get(ref)
-                except self.ray.exceptions.RayActorError as err:
-                    writing[ref] = (unit, data_ref)
-                    self._replace_writer(err)
-                    # Writes in flight go to the new writer (their results are still in
-                    # the object store); every other unit it does not hold is computed again.
-                    in_flight_bytes -= sum(u.out_bytes for u, _ in writing.values() if u.index in self.durable)
-                    writing = {self._write(u, d): (u, d) for u, d in writing.values() if u.index not in self.durable}
-                    busy = {u.index for u, _ in computing.values()} | {u.index for u, _ in writing.values()}
-                    pending = [u for u in self.plan.units if u.index not in self.durable and u.index not in busy]
-                    break
-                except Exception as err:  # noqa: BLE001
-                    raise _failure(unit, err) from err
-                in_flight_bytes -= unit.out_bytes
-                self.acknowledged.add(unit.index)
-                self._report(unit)
+                        raise _failure(run.unit, err) from err
+                    run.computed = True
+                else:
+                    run, data_ref = writing.pop(ref)
+                    try:
+                        self.stats.written_bytes += self.ray.get(ref)
+                    except self.ray.exceptions.RayActorError as err:
+                        self._replace_writer(err)
+                        pending, producing, writing = self._after_writer_replaced(active, producing, writing,
+                                                                                 (run, data_ref))
+                        in_flight_bytes = sum(r.unit.window_bytes for r in active.values())
+                        break
+                    except Exception as err:  # noqa: BLE001
+                        raise _failure(run.unit, err) from err
+                    run.written += 1
+                if run.computed and run.written == len(run.unit.chunks):
+                    del active[run.unit.index]
+                    in_flight_bytes -= run.unit.window_bytes
+                    self.acknowledged.add(run.unit.index)
+                    self._report(run.unit)
+
+    def _start(self, unit: WorkUnit, reduced: Dict[str, List[Any]]) -> "_UnitRun":
+        generator = self.merge_task.remote(unit, self.plan.config.method.name, self.unit_carries(unit, reduced),
+                                           self.plan.config.storage, self.threads, self.allow_nonfinite)
+        return _UnitRun(unit, generator)
+
+    def _after_writer_replaced(self, active: Dict[int, "_UnitRun"], producing: Dict[Any, "_UnitRun"],
+                               writing: Dict[Any, Tuple["_UnitRun", Any]], failed: Tuple["_UnitRun", Any]):
+        """After a new writer took over from what is durable: a unit in flight that sent
+        the old writer nothing carries on; a one-chunk unit whose output is still in the
+        object store is sent again; any other unit that sent the old writer output is
+        computed again, as is every unit the old writer took but did not make durable.
+        Returns (pending, producing, writing)."""
+        in_flight = [failed, *writing.values()]
+        resend = {run.unit.index: (run, data) for run, data in in_flight if len(run.unit.chunks) == 1}
+        for index, run in list(active.items()):
+            if index in self.durable or (run.yielded and index not in resend):
+                if index not in self.durable:
+                    self.ray.cancel(run.generator)
+                del active[index]
+        writing = {}
+        for run, data in resend.values():
+            if run.unit.index in active:
+                run.yielded = run.written = 0
+                writing[self._write(run, data)] = (run, data)
+        producing = {g: r for g, r in producing.items() if r.unit.index in active}
+        return self._in_start_order(self.durable | set(active)), producing, writing
+
+    def _in_start_order(self, skip: Set[int]) -> List[WorkUnit]:
+        """The units not in `skip`, streamed ones (the longest tasks) first, largest first."""
+        units = [u for u in self.plan.units if u.index not in skip]
+        return sorted(units, key=lambda u: (not u.streamed, -u.read_bytes if u.streamed else u.index))
 
     def _wait(self, refs: List[Any]) -> List[Any]:
         """The refs that are ready (at least one), checking `self.guard` while waiting: it
@@ -215,9 +267,13 @@ class Driver:
             if ready:
                 return ready
 
-    def _write(self, unit: WorkUnit, data_ref: Any) -> Any:
-        segments = [(p.shard, p.out_offset, p.out_nbytes) for p in unit.pieces]
-        return self.writer.handle.write.remote(segments, data_ref, unit.index)
+    def _write(self, run: "_UnitRun", data_ref: Any) -> Any:
+        """Send the run's next chunk to the writer; the last one logs the unit as written."""
+        chunk = run.unit.chunks[run.yielded]
+        run.yielded += 1
+        segments = [(p.shard, p.out_offset, p.out_nbytes) for p in chunk]
+        last = run.yielded == len(run.unit.chunks)
+        return self.writer.handle.write.remote(segments, data_ref, run.unit.index if last else -1)
 
     def _report(self, unit: WorkUnit) -> None:
         if unit.index not in self.reported:

@@ -7,10 +7,13 @@ groups run the whole protocol here, so the common case reads its inputs once.
 
 from __future__ import annotations
 
-import os
+import hashlib
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -45,47 +48,96 @@ def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
                          f"{meta.row_end}); fix the input, or pass --allow-nonfinite to merge anyway")
 
 
-def _source_tensors(piece: Piece, storage: Storage, allow_nonfinite: bool = False) -> List[torch.Tensor]:
-    """The piece's rows of every input, in their stored dtype: remote ranges fetched
-    concurrently, local ones memory-mapped; NaN/Inf refused unless allowed."""
-    meta = piece.meta
-    rows = meta.row_end - meta.row_start
-    shape = (rows, *meta.shape[1:]) if meta.shape else ()
-    remote = [s for s in piece.sources if is_remote(s.path)]
-    fetched = iter(read_remote_many(storage, [(s.path, s.start, s.end, s.version) for s in remote]))
-    tensors = []
-    for source in piece.sources:
-        dtype = SAFETENSORS_TO_TORCH[source.dtype]
-        if is_remote(source.path):
-            data = next(fetched)
-            tensor = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
-        else:
-            path = split_url(source.path)[1]
-            if source.version and local_version(path) != source.version:
-                raise changed_error(source.path)
-            tensor = map_range(path, source.start, source.end, source.dtype, shape)
-        if not allow_nonfinite:
-            _check_finite(tensor, piece, source.path)
-        tensors.append(tensor)
-    return tensors
+class InputReader:
+    """Loads pieces' input rows and counts the bytes read from the inputs' storage.
 
+    With `keep`, a piece may be loaded again (a streamed unit loads each piece once per
+    statistics phase and once to apply): remote bytes are fetched once and kept in a
+    local scratch file (under TMPDIR), and NaN/Inf are checked on the first load only;
+    local inputs are mapped again, from the page cache.
+    """
 
-def _load(piece: Piece, storage: Storage, allow_nonfinite: bool = False) -> PieceInputs:
-    """The piece's inputs in the compute dtype, as the method takes them."""
-    tensors = [t.to(piece.meta.dtype) for t in _source_tensors(piece, storage, allow_nonfinite)]
-    if piece.with_base:
-        return PieceInputs(piece.meta, tensors[0], tuple(tensors[1:]))
-    return PieceInputs(piece.meta, None, tuple(tensors))
+    def __init__(self, storage: Storage, allow_nonfinite: bool = False, keep: bool = False) -> None:
+        self.storage = storage
+        self.allow_nonfinite = allow_nonfinite
+        self.keep = keep
+        self.read_bytes = 0
+        self._seen: Set[Tuple[str, int]] = set()
+        self._scratch: Optional[str] = None
+
+    def __enter__(self) -> "InputReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def tensors(self, piece: Piece) -> List[torch.Tensor]:
+        """The piece's rows of every input, in their stored dtype: remote ranges fetched
+        concurrently, local ones memory-mapped; NaN/Inf refused unless allowed."""
+        meta = piece.meta
+        key = (meta.tensor, meta.row_start)
+        first = key not in self._seen
+        self._seen.add(key)
+        rows = meta.row_end - meta.row_start
+        shape = (rows, *meta.shape[1:]) if meta.shape else ()
+        fetch = [s for s in piece.sources if is_remote(s.path)] if first or not self.keep else []
+        fetched = iter(read_remote_many(self.storage, [(s.path, s.start, s.end, s.version) for s in fetch]))
+        tensors = []
+        for i, source in enumerate(piece.sources):
+            dtype = SAFETENSORS_TO_TORCH[source.dtype]
+            if is_remote(source.path) and fetch:
+                data = next(fetched)
+                if self.keep:
+                    self._write_scratch(key, i, data, meta.tensor)
+                tensor = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
+            elif is_remote(source.path):
+                tensor = map_range(self._scratch_path(key, i), 0, source.nbytes, source.dtype, shape)
+            else:
+                path = split_url(source.path)[1]
+                if first and source.version and local_version(path) != source.version:
+                    raise changed_error(source.path)
+                tensor = map_range(path, source.start, source.end, source.dtype, shape)
+            if first and not self.allow_nonfinite:
+                _check_finite(tensor, piece, source.path)
+            tensors.append(tensor)
+        if first:
+            self.read_bytes += sum(s.nbytes for s in piece.sources)
+        return tensors
+
+    def load(self, piece: Piece) -> PieceInputs:
+        """The piece's inputs in the compute dtype, as the method takes them."""
+        tensors = [t.to(piece.meta.dtype) for t in self.tensors(piece)]
+        if piece.with_base:
+            return PieceInputs(piece.meta, tensors[0], tuple(tensors[1:]))
+        return PieceInputs(piece.meta, None, tuple(tensors))
+
+    def _scratch_path(self, key: Tuple[str, int], source: int) -> str:
+        name = hashlib.sha1(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:20]
+        return os.path.join(self._scratch or "", f"{name}-{source}")
+
+    def _write_scratch(self, key: Tuple[str, int], source: int, data: bytearray, tensor: str) -> None:
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="distmerge-scratch-")
+        path = self._scratch_path(key, source)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as err:
+            raise InputError(f"could not keep a scratch copy of tensor {tensor!r} in {self._scratch} "
+                             f"({err.strerror}); a streamed unit keeps its remote input bytes there between "
+                             "passes: point TMPDIR on the workers at a disk with room, or raise "
+                             "--memory-per-worker so that the tensor is merged in one piece") from err
 
 
 def scan_unit(unit: WorkUnit, storage: Storage, threads: int = 1) -> WorkerStats:
     """Read every input byte of `unit` and refuse NaN/Inf (the `--check-inputs` pass)."""
     torch.set_num_threads(threads)
-    read = 0
+    reader = InputReader(storage)
     for piece in unit.pieces:
-        _source_tensors(piece, storage)
-        read += sum(s.nbytes for s in piece.sources)
-    return _stats(read)
+        reader.tensors(piece)
+    return _stats(reader.read_bytes)
 
 
 def _stats(read_bytes: int) -> WorkerStats:
@@ -98,17 +150,16 @@ def collect_unit(unit: WorkUnit, method_name: str, work: Sequence[Optional[Tuple
     torch.set_num_threads(threads)
     method = get_method(method_name)
     partials: List[Any] = []
-    read = 0
+    reader = InputReader(storage, allow_nonfinite)
     for piece, task in zip(unit.pieces, work):
         if task is None:
             partials.append(None)
             continue
         phase, carry = task
-        inputs = _load(piece, storage, allow_nonfinite)
-        read += sum(s.nbytes for s in piece.sources)
+        inputs = reader.load(piece)
         partials.append(method.collect(phase, inputs, carry))
         del inputs
-    return partials, _stats(read)
+    return partials, _stats(reader.read_bytes)
 
 
 def _sub_pieces(inputs: PieceInputs, rows_per_sub: int, method: MergeMethod) -> List[PieceInputs]:
@@ -134,30 +185,66 @@ def _rows_per_sub_piece(meta) -> int:
     return max(granule, rows - rows % granule)
 
 
-def apply_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage: Storage,
-               threads: int = 1, allow_nonfinite: bool = False) -> Tuple[WorkerStats, np.ndarray]:
-    """Merge every piece of `unit`; return stats and the output bytes (pieces in order).
+def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage: Storage,
+               threads: int = 1, allow_nonfinite: bool = False) -> Iterator[Any]:
+    """Merge every piece of `unit`: yield the output bytes of each of its chunks in order
+    (`unit.chunks`), then the WorkerStats. A Ray generator task, so a streamed unit's
+    output leaves the worker piece by piece.
 
-    A piece whose reduction group lies wholly in it (carry WHOLE_GROUP) runs the whole
-    protocol here, cut into cache-sized row ranges: every method gives the same bits
-    for any split, and small ranges run several times faster than whole tensors.
+    A piece of a reduction group that lies wholly in the unit (carry WHOLE_GROUP) runs the
+    group's whole protocol here: a single piece cut into cache-sized row ranges (every
+    method gives the same bits for any split, and small ranges run several times faster
+    than whole tensors); a streamed group piece by piece, loading each once per phase.
     """
     torch.set_num_threads(threads)
     method = get_method(method_name)
-    out = np.empty(unit.out_bytes, dtype=np.uint8)
+    with InputReader(storage, allow_nonfinite, keep=unit.streamed) as reader:
+        results = _merged_pieces(unit, method, carries, reader)
+        for chunk in unit.chunks:
+            out = np.empty(sum(p.out_nbytes for p in chunk), dtype=np.uint8)
+            position = 0
+            for piece in chunk:
+                for result in next(results):
+                    data = result.to(piece.out_dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+                    out[position:position + data.size] = data
+                    position += data.size
+            yield out
+            del out
+    yield _stats(reader.read_bytes)
+
+
+def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],
+                   reader: InputReader) -> Iterator[List[torch.Tensor]]:
+    """Each piece's merged rows (as one or more consecutive row ranges), in unit order."""
     position = 0
-    read = 0
-    for piece, carry in zip(unit.pieces, carries):
-        inputs = _load(piece, storage, allow_nonfinite)
-        read += sum(s.nbytes for s in piece.sources)
-        if isinstance(carry, str) and carry == WHOLE_GROUP:
-            results = run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
+    while position < len(unit.pieces):
+        piece, carry = unit.pieces[position], carries[position]
+        if not (isinstance(carry, str) and carry == WHOLE_GROUP):
+            inputs = reader.load(piece)
+            yield [method.apply(inputs, carry)]
+            position += 1
+            continue
+        end = position + 1
+        while end < len(unit.pieces) and unit.pieces[end].group == piece.group:
+            end += 1
+        if end - position == 1:
+            inputs = reader.load(piece)
+            yield run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
         else:
-            results = [method.apply(inputs, carry)]
-        del inputs
-        for result in results:
-            data = result.to(piece.out_dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-            out[position:position + data.size] = data
-            position += data.size
-        del results
-    return _stats(read), out
+            for result in _run_streamed(method, unit.pieces[position:end], reader):
+                yield [result]
+        position = end
+
+
+def _run_streamed(method: MergeMethod, pieces: Sequence[Piece], reader: InputReader) -> Iterator[torch.Tensor]:
+    """The whole protocol over one group's pieces, holding one piece's inputs at a time."""
+    metas = [p.meta for p in pieces]
+    stats = method.plan_statistics(metas)
+    carries = stats.carries
+    done = 0
+    while (phase := method.next_phase(stats, done, carries)) is not None:
+        partials = [method.collect(phase, reader.load(p), c) for p, c in zip(pieces, carries)]
+        carries = method.reduce(phase, metas, partials, carries)
+        done += 1
+    for piece, carry in zip(pieces, carries):
+        yield method.apply(reader.load(piece), carry)
