@@ -72,6 +72,9 @@ class MergeSummary:
     writer_restarts: int = 0
     recomputed_units: int = 0
     random_seed: Optional[int] = None  # set for methods that draw random numbers
+    # seconds: "planned" (plan + lock + checks), "ray ready" and "first unit" (since the start),
+    # "statistics", "apply", "commit" (each phase's own time), "worker cpu" (all tasks)
+    timeline: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -91,7 +94,17 @@ class MergeSummary:
             f"writer {format_bytes(self.writer_peak_rss)}"
             + (f"\nrandom seed: {self.random_seed} (--random-seed {self.random_seed} reproduces this merge)"
                if self.random_seed is not None else "")
+            + (f"\n{self.format_timeline()}" if self.timeline else "")
         )
+
+    def format_timeline(self) -> str:
+        t = self.timeline
+        at = ", ".join(f"{label} at {t[key]:.1f} s" for key, label in
+                       (("planned", "planned"), ("ray ready", "Ray ready"), ("first unit", "first unit computing"))
+                       if key in t)
+        took = ", ".join(f"{key} {t[key]:.1f} s" for key in ("statistics", "apply", "commit") if key in t)
+        cpu = f" (workers' CPU {t['worker cpu']:.1f} s)" if "worker cpu" in t else ""
+        return f"time: {at}; {took}{cpu}"
 
 
 def as_config(config: Union[str, os.PathLike, MergeConfig],
@@ -234,6 +247,7 @@ class MergeJob:
         workers = self._running_workers()
         driver = Driver(plan, max_in_flight=2 * workers, max_in_flight_bytes=self._max_in_flight_bytes(workers),
                         threads_per_worker=options.threads_per_worker, allow_nonfinite=options.allow_nonfinite)
+        driver.warm_up(workers)
         if options.check_inputs and not options.allow_nonfinite:
             driver.check_inputs()  # NaN/Inf refused before the destination is touched
         start = self.destination.prepare(options.overwrite, plan, options.restart, self.part_size)
@@ -281,15 +295,24 @@ class MergeJob:
 
     def execute(self) -> MergeSummary:
         """plan -> open -> run -> commit, in one call; the lock is released in every case."""
-        started = time.perf_counter()
+        started = time.time()
         plan = self.plan or self.make_plan()
         self.open()
+        timeline = {"planned": time.time() - started}
         try:
             with ray_session(self.options.address, self.workers, self.object_store_bytes()):
+                timeline["ray ready"] = time.time() - started
                 result = self.run()
+            committing = time.time()
             self.commit(result)
         finally:
             self.close()
+        stats = result.stats
+        if stats.first_task_started is not None:
+            timeline["first unit"] = max(0.0, stats.first_task_started - started)
+        timeline.update({key: stats.phase_seconds.get(key, 0.0) for key in ("statistics", "apply")})
+        timeline["commit"] = stats.phase_seconds.get("finalize", 0.0) + time.time() - committing
+        timeline["worker cpu"] = stats.worker_cpu_seconds
         return MergeSummary(
             out_dir=self.destination.url,
             tensors=plan.tensor_count,
@@ -297,7 +320,7 @@ class MergeJob:
             shards=len(plan.layout.shards),
             read_bytes=result.stats.read_bytes,
             written_bytes=result.written["bytes_written"],
-            seconds=time.perf_counter() - started,
+            seconds=time.time() - started,
             driver_peak_rss=peak_rss(),
             worker_peak_rss=max(result.stats.worker_peak_rss.values(), default=0),
             workers=len(result.stats.worker_peak_rss),
@@ -306,6 +329,7 @@ class MergeJob:
             writer_restarts=result.writer_restarts,
             recomputed_units=result.recomputed_units,
             random_seed=plan.seed if self.config.method.uses_random else None,
+            timeline=timeline,
         )
 
 

@@ -13,11 +13,13 @@ sent again, and the merge carries on.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from distmerge.engine.writer import WriterActor
-from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, scan_unit
+from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, warm_up, scan_unit
 from distmerge.errors import DistmergeError, MergeFailed, OutputFull, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
@@ -32,10 +34,24 @@ class RunStats:
     read_bytes: int = 0
     written_bytes: int = 0
     worker_peak_rss: Dict[int, int] = field(default_factory=dict)
+    first_task_started: Optional[float] = None  # wall clock (time.time())
+    worker_cpu_seconds: float = 0.0
+    phase_seconds: Dict[str, float] = field(default_factory=dict)  # statistics, apply, finalize
 
     def add(self, stats: WorkerStats) -> None:
         self.read_bytes += stats.read_bytes
         self.worker_peak_rss[stats.pid] = max(stats.peak_rss, self.worker_peak_rss.get(stats.pid, 0))
+        self.worker_cpu_seconds += stats.cpu_seconds
+        if stats.started and (self.first_task_started is None or stats.started < self.first_task_started):
+            self.first_task_started = stats.started
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def _failure(unit: WorkUnit, err: BaseException) -> DistmergeError:
@@ -156,6 +172,12 @@ class Driver:
                     yield u, self.ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - reported with the unit named
                     raise _failure(self.plan.units[u], err) from err
+
+    def warm_up(self, workers: int) -> None:
+        """Have `workers` worker processes import the worker code (torch) now, while the
+        destination is prepared and the writer starts; nothing waits for them."""
+        task = self.ray.remote(warm_up).options(num_cpus=self.threads)
+        self._warming = [task.remote() for _ in range(workers)]
 
     def check_inputs(self) -> None:
         """Read every input byte once and refuse NaN/Inf before anything is merged or written."""
@@ -310,9 +332,13 @@ class Driver:
     def run(self) -> Tuple[RunStats, Dict[str, Any]]:
         """Run the whole merge; return the run's statistics and what the writer's finalize
         reported."""
-        reduced = self.run_statistics()
-        self.run_apply(reduced)
-        return self.stats, self.finalize(reduced)
+        with self.stats.timed("statistics"):
+            reduced = self.run_statistics()
+        with self.stats.timed("apply"):
+            self.run_apply(reduced)
+        with self.stats.timed("finalize"):
+            written = self.finalize(reduced)
+        return self.stats, written
 
     def finalize(self, reduced: Dict[str, List[Any]]) -> Dict[str, Any]:
         """Have the writer commit its shards; if it dies first, restart it and finish the units it lost."""

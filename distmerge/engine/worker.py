@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -38,6 +39,8 @@ class WorkerStats:
     pid: int
     read_bytes: int
     peak_rss: int
+    started: float = 0.0  # wall clock (time.time()) when the task began
+    cpu_seconds: float = 0.0  # the task's CPU time (all its threads)
 
 
 def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
@@ -131,22 +134,34 @@ class InputReader:
                              "--memory-per-worker so that the tensor is merged in one piece") from err
 
 
+def warm_up() -> int:
+    """Nothing: a task that makes a worker process import this module (torch, the
+    methods) while the writer starts, so the first unit does not wait for it."""
+    return os.getpid()
+
+
 def scan_unit(unit: WorkUnit, storage: Storage, threads: int = 1) -> WorkerStats:
     """Read every input byte of `unit` and refuse NaN/Inf (the `--check-inputs` pass)."""
+    clocks = _clocks()
     torch.set_num_threads(threads)
     reader = InputReader(storage)
     for piece in unit.pieces:
         reader.tensors(piece)
-    return _stats(reader.read_bytes)
+    return _stats(reader.read_bytes, *clocks)
 
 
-def _stats(read_bytes: int) -> WorkerStats:
-    return WorkerStats(os.getpid(), read_bytes, peak_rss())
+def _stats(read_bytes: int, started: float, cpu_started: float) -> WorkerStats:
+    return WorkerStats(os.getpid(), read_bytes, peak_rss(), started, time.process_time() - cpu_started)
+
+
+def _clocks() -> Tuple[float, float]:
+    return time.time(), time.process_time()
 
 
 def collect_unit(unit: WorkUnit, method_name: str, work: Sequence[Optional[Tuple[Phase, Any]]],
                  storage: Storage, threads: int = 1, allow_nonfinite: bool = False) -> Tuple[List[Any], WorkerStats]:
     """One statistics phase for each piece of `unit` given (phase, carry); None skips a piece."""
+    clocks = _clocks()
     torch.set_num_threads(threads)
     method = get_method(method_name)
     partials: List[Any] = []
@@ -159,7 +174,7 @@ def collect_unit(unit: WorkUnit, method_name: str, work: Sequence[Optional[Tuple
         inputs = reader.load(piece)
         partials.append(method.collect(phase, inputs, carry))
         del inputs
-    return partials, _stats(reader.read_bytes)
+    return partials, _stats(reader.read_bytes, *clocks)
 
 
 def _sub_pieces(inputs: PieceInputs, rows_per_sub: int, method: MergeMethod) -> List[PieceInputs]:
@@ -196,6 +211,7 @@ def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     method gives the same bits for any split, and small ranges run several times faster
     than whole tensors); a streamed group piece by piece, loading each once per phase.
     """
+    clocks = _clocks()
     torch.set_num_threads(threads)
     method = get_method(method_name)
     with InputReader(storage, allow_nonfinite, keep=unit.streamed) as reader:
@@ -210,7 +226,7 @@ def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
                     position += data.size
             yield out
             del out
-    yield _stats(reader.read_bytes)
+    yield _stats(reader.read_bytes, *clocks)
 
 
 def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],
