@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import psutil
@@ -130,6 +133,30 @@ def cli_command(*args: str) -> Tuple[List[str], Dict[str, str]]:
     """The `distmerge` CLI as a subprocess command line, and its environment (Ray on loopback)."""
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     return [sys.executable, "-m", "distmerge.cli", *args], env
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """The `distmerge` CLI run in this process: on the tests' own Ray when one is up (a
+    re-run after a killed merge need not start a Ray of its own), output captured."""
+    import signal
+
+    from distmerge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import distmerge
-from helpers import (assert_bit_identical, bits, cli_command, kill_tree, load_checkpoint, read_index, run_mergekit,
-                     shard_bytes, write_yaml)
+from helpers import (assert_bit_identical, bits, cli_command, kill_tree, load_checkpoint, read_index, run_cli,
+                     run_mergekit, shard_bytes, write_yaml)
 
 TINY_BUDGET = 64 * 1024  # splits every matrix of the test models into row ranges
 
@@ -168,7 +168,7 @@ def test_killed_random_merge_resumes_with_its_recorded_seed_bit_identical(ray_lo
     manifest = json.loads((out / ".distmerge-manifest.json").read_text())
     seed = manifest["options"]["random_seed"]
     assert not (out / "model.safetensors.index.json").exists(), "the merge finished before it could be killed"
-    resumed = subprocess.run(command + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = run_cli(*command[3:], "--num-workers", "2")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed" in resumed.stdout and f"random seed: {seed}" in resumed.stdout
     _merge(tmp_path, cfg, "clean", num_workers=2, memory_per_worker=TINY_BUDGET, random_seed=seed)

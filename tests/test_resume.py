@@ -12,7 +12,7 @@ import torch
 
 import distmerge
 from distmerge.synthetic import LlamaShape, ties_config
-from helpers import cli_command, kill_actor_when, kill_tree, shard_bytes, write_yaml
+from helpers import run_cli, cli_command, kill_actor_when, kill_tree, shard_bytes, write_yaml
 
 SHAPE = LlamaShape(hidden=128, intermediate=344, layers=6, heads=4, kv_heads=2, vocab=2048)
 
@@ -54,9 +54,7 @@ def test_killed_driver_resumes_bit_identical(ray_local, config_path, tmp_path):
     # the re-run leaves --memory-per-worker out: the recorded budget is used (the default
     # one, 1 GiB here, would plan other units and be refused)
     started = time.perf_counter()
-    rerun_cmd, _ = cli_command("merge", config_path, str(out), "--num-workers", "2", "--no-progress",
-                               "--shard-size", "2MB")
-    rerun = subprocess.run(rerun_cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_cli("merge", config_path, str(out), "--num-workers", "2", "--no-progress", "--shard-size", "2MB")
     resume_run = time.perf_counter() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reused = int(rerun.stdout.split("resumed: ")[1].split(" units")[0])
@@ -67,7 +65,7 @@ def test_killed_driver_resumes_bit_identical(ray_local, config_path, tmp_path):
           f"in {resume_run:.1f} s")
 
 
-def test_changed_config_refuses_resume_until_restart(config_path, tmp_path):
+def test_changed_config_refuses_resume_until_restart(ray_local, config_path, tmp_path):
     out = tmp_path / "out"
     options = ["--num-workers", "1", "--memory-per-worker", "256KiB", "--no-progress"]
     cmd, env = cli_command("merge", config_path, str(out), *options)
@@ -78,13 +76,12 @@ def test_changed_config_refuses_resume_until_restart(config_path, tmp_path):
     kill_tree(proc)
     changed = tmp_path / "changed.yml"
     changed.write_text(open(config_path).read().replace("density: 0.5", "density: 0.4", 1))
-    cmd, env = cli_command("merge", str(changed), str(out), *options)
-    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["merge", str(changed), str(out), *options]
+    refused = run_cli(*args)
     assert refused.returncode == 2
     assert "interrupted merge that cannot be resumed: the merge config changed" in refused.stderr
     assert "--restart" in refused.stderr
-    restarted = subprocess.run(cmd + ["--restart", "--num-workers", "2"], env=env, capture_output=True, text=True,
-                               timeout=300)
+    restarted = run_cli(*args, "--restart", "--num-workers", "2")
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "resumed" not in restarted.stdout and (out / "model.safetensors.index.json").exists()
 

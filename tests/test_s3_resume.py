@@ -18,7 +18,7 @@ import distmerge
 from distmerge.io.storage import Storage
 from distmerge.synthetic import LlamaShape, ties_config
 from distmerge.verify import verify_checkpoint
-from helpers import cli_command, kill_actor_when, kill_tree, shard_bytes, write_yaml
+from helpers import run_cli, cli_command, kill_actor_when, kill_tree, shard_bytes, write_yaml
 
 SHAPE = LlamaShape(hidden=128, intermediate=344, layers=6, heads=4, kv_heads=2, vocab=2048)
 OPTIONS = dict(num_workers=2, memory_per_worker=256 * 1024, shard_size="1MB")
@@ -62,7 +62,7 @@ def _cli(config: str, out: str, s3) -> tuple:
     return cli_command("merge", config, out, *CLI_OPTIONS, "--storage-options", json.dumps(s3.options))
 
 
-def test_killed_driver_resumes_from_its_uploads(s3, merge_case, tmp_path):
+def test_killed_driver_resumes_from_its_uploads(ray_local, s3, merge_case, tmp_path):
     config, calm, bucket = merge_case
     prefix = "killed"
     cmd, env = _cli(config, f"s3://{bucket}/{prefix}", s3)
@@ -76,7 +76,7 @@ def test_killed_driver_resumes_from_its_uploads(s3, merge_case, tmp_path):
     assert s3.client().list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads")
 
     started = time.perf_counter()
-    rerun = subprocess.run(cmd + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_cli(*cmd[3:], "--num-workers", "2")
     seconds = time.perf_counter() - started
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reused = int(rerun.stdout.split("resumed: ")[1].split(" units")[0])
@@ -87,7 +87,7 @@ def test_killed_driver_resumes_from_its_uploads(s3, merge_case, tmp_path):
           f"in {seconds:.1f} s")
 
 
-def test_kill_during_commit_resumes_with_completed_shards(s3, merge_case, tmp_path):
+def test_kill_during_commit_resumes_with_completed_shards(ray_local, s3, merge_case, tmp_path):
     """The driver dies right after S3 completed the first shard object: the re-run accepts
     it (its ETag matches the recorded parts), completes the others, writes the index."""
     config, calm, bucket = merge_case
@@ -115,7 +115,7 @@ def test_kill_during_commit_resumes_with_completed_shards(s3, merge_case, tmp_pa
     names = {os.path.basename(p) for p in fs.ls(f"s3://{bucket}/{prefix}", detail=False, refresh=True)}
     assert "model.safetensors.index.json" not in names and any(n.endswith(".safetensors") for n in names)
 
-    rerun = subprocess.run(cmd + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_cli(*cmd[3:], "--num-workers", "2")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     units = int(rerun.stdout.split(" units into")[0].split(" in ")[-1])
     assert f"resumed: {units} units reused" in rerun.stdout

@@ -41,6 +41,14 @@ def agreement(signs_of: torch.Tensor, vote: torch.Tensor) -> torch.Tensor:
     return agree
 
 
+def sum_models(stacked: torch.Tensor) -> torch.Tensor:
+    """`stacked.sum(dim=0)` bit for bit, about twice as fast for 16-bit floats: torch sums
+    those in float32 and rounds once either way (mergekit sums its stacked deltas so)."""
+    if stacked.dtype in (torch.bfloat16, torch.float16):
+        return stacked.sum(dim=0, dtype=torch.float32).to(stacked.dtype)
+    return stacked.sum(dim=0)
+
+
 def masked(values: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
     """values * mask, bit for bit, for the 0/-1 integer mask `agree`."""
     keep = agree | torch.iinfo(agree.dtype).min

@@ -243,12 +243,12 @@ class TaskVectorMerge(MergeMethod):
         weights = weights.reshape((n,) + (1,) * base.dim())
         unweighted_sum = None
         if self.consensus and shared.get("sign_election") == "unweighted":
-            unweighted_sum = deltas.sum(dim=0)
+            unweighted_sum = signs.sum_models(deltas)
         deltas.mul_(weights)
 
         if self.consensus:
             if unweighted_sum is None:
-                agree = signs.agreement(deltas, deltas.sum(dim=0))
+                agree = signs.agreement(deltas, signs.sum_models(deltas))
             else:
                 # TIES paper order: signs voted by the unweighted trimmed deltas; a model
                 # agrees when its own (unweighted) delta has the elected sign.
@@ -256,12 +256,12 @@ class TaskVectorMerge(MergeMethod):
                 own = (signs.as_int(deltas) ^ flip.to(signs.INT_OF[dtype.itemsize])).view(dtype)
                 agree = signs.agreement(own, unweighted_sum)
                 del own, unweighted_sum
-            mixed = signs.masked(deltas, agree).sum(dim=0)
-            divisor = (weights * signs.as_float_mask(agree, dtype)).sum(dim=0)
+            mixed = signs.sum_models(signs.masked(deltas, agree))
+            divisor = signs.sum_models(weights * signs.as_float_mask(agree, dtype))
             divisor[divisor == 0] = 1
             del agree
         else:
-            mixed = deltas.sum(dim=0)
+            mixed = signs.sum_models(deltas)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
         del deltas

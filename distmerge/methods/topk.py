@@ -70,6 +70,7 @@ class Boundary:
     prefix: int = 0
     ordinal: int = -1
     offset: int = 0
+    count: int = -1  # how many of the ties lie in this piece (-1: not known)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def reduce_pass(pass_index: int, selections: Sequence[Selection],
         ordinal = within - 1 if first.order == "desc" else ties - within
         before = 0
         for row, hist in zip(per_piece, hists):
-            row[name] = Boundary(within, prefix, ordinal, before)
+            row[name] = Boundary(within, prefix, ordinal, before, int(hist[digit]))
             before += int(hist[digit])
     return [replace(s, **row) for s, row in zip(selections, per_piece)]
 
@@ -219,11 +220,13 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     sign_bit = torch.iinfo(keys.dtype).min
     if selection.keeps == "window" and selection.order == "desc" and selection.first is None:
         last = selection.last
-        mask = torch.sub(last.prefix, keys)  # negative exactly where key > threshold
+        quota = last.ordinal - last.offset + 1  # how many of this piece's ties are kept
+        every_tie = 0 <= last.count <= quota
+        # negative exactly where key > threshold (or >= it, when every tie here is kept)
+        mask = torch.sub(last.prefix - 1 if every_tie else last.prefix, keys)
         mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
         mask |= sign_bit
-        quota = last.ordinal - last.offset + 1
-        if quota > 0:
+        if quota > 0 and not every_tie:
             mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
         return mask
     kept = kept_mask(keys, selection).to(keys.dtype)
