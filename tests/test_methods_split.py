@@ -4,6 +4,7 @@ changes a bit, top-k keeps exactly k, ties go to the lowest flat index."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,6 +58,38 @@ def _merge(method, name, base, models, params, cuts=(), seed=0, with_base=None):
     return torch.cat([o.reshape(-1) for o in outs])
 
 
+def _merge_applied_in_parts(method, name, base, models, params, cuts, part_rows, seed=0, with_base=None):
+    """As `_merge`, but each piece is applied in ranges of `part_rows` rows with the carries
+    the method splits from the piece's (`split_carry`), as the worker applies a piece over
+    the CPU caches."""
+    m = METHODS[method]
+    with_base = m.uses_base if with_base is None else with_base
+    pieces = _pieces(name, base, models, params, cuts, with_base, seed, m)
+    metas = [p.meta for p in pieces]
+    stats = m.plan_statistics(metas)
+    carries, done = stats.carries, 0
+    while (phase := m.next_phase(stats, done, carries)) is not None:
+        partials = [m.collect(phase, p, c) for p, c in zip(pieces, carries)]
+        carries = m.reduce(phase, metas, partials, carries)
+        done += 1
+    outs = []
+    for piece, carry in zip(pieces, carries):
+        rows = piece.meta.row_end - piece.meta.row_start
+        parts = [piece]
+        if m.splittable(piece.meta) and rows > part_rows:
+            parts = [PieceInputs(replace(piece.meta, row_start=piece.meta.row_start + r0,
+                                         row_end=piece.meta.row_start + min(rows, r0 + part_rows)),
+                                 None if piece.base is None else piece.base[r0:r0 + part_rows],
+                                 tuple(x[r0:r0 + part_rows] for x in piece.models))
+                     for r0 in range(0, rows, part_rows)]
+        part_carries = m.split_carry(piece, carry, parts) if len(parts) > 1 else None
+        if part_carries is None:
+            outs.append(m.apply(piece, carry))
+        else:
+            outs += [m.apply(part, c) for part, c in zip(parts, part_carries)]
+    return torch.cat([o.reshape(-1) for o in outs])
+
+
 def _bits(t):
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
@@ -88,10 +121,11 @@ REQUIRED_SHARED = {"t": 0.3}
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=merge_case(), method=st.sampled_from(sorted(METHODS)), rescale=st.booleans(),
-       seed=st.integers(0, 2**63 - 1), with_base=st.booleans())
-def test_split_equals_whole(case, method, rescale, seed, with_base):
+       seed=st.integers(0, 2**63 - 1), with_base=st.booleans(), part_rows=st.integers(1, 9))
+def test_split_equals_whole(case, method, rescale, seed, with_base, part_rows):
     """Every method, any cut into row ranges its split policy allows: the same bits (random
-    methods for one seed)."""
+    methods for one seed); also when each piece is applied in smaller ranges with the
+    carries the method splits from the piece's."""
     dtype, base, models, weights, densities, cuts, shared = case
     spec = METHODS[method]
     rules = spec.inputs
@@ -111,6 +145,8 @@ def test_split_equals_whole(case, method, rescale, seed, with_base):
     whole = _merge(method, "t", first, rest, params, seed=seed, with_base=with_base)
     split = _merge(method, "t", first, rest, params, cuts, seed=seed, with_base=with_base)
     assert torch.equal(_bits(whole), _bits(split))
+    in_parts = _merge_applied_in_parts(method, "t", first, rest, params, cuts, part_rows, seed, with_base)
+    assert torch.equal(_bits(whole), _bits(in_parts))
 
 
 @settings(max_examples=150, deadline=None)

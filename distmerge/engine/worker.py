@@ -236,8 +236,7 @@ def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],
     while position < len(unit.pieces):
         piece, carry = unit.pieces[position], carries[position]
         if not (isinstance(carry, str) and carry == WHOLE_GROUP):
-            inputs = reader.load(piece)
-            yield [method.apply(inputs, carry)]
+            yield _apply_in_parts(method, reader.load(piece), carry)
             position += 1
             continue
         end = position + 1
@@ -247,13 +246,24 @@ def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],
             inputs = reader.load(piece)
             yield run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
         else:
-            for result in _run_streamed(method, unit.pieces[position:end], reader):
-                yield [result]
+            yield from _run_streamed(method, unit.pieces[position:end], reader)
         position = end
 
 
-def _run_streamed(method: MergeMethod, pieces: Sequence[Piece], reader: InputReader) -> Iterator[torch.Tensor]:
-    """The whole protocol over one group's pieces, holding one piece's inputs at a time."""
+def _apply_in_parts(method: MergeMethod, inputs: PieceInputs, carry: Any) -> List[torch.Tensor]:
+    """`method.apply` over a piece with its reduced carry: in cache-sized row ranges when
+    the method can split the carry (`split_carry`), else whole."""
+    parts = _sub_pieces(inputs, _rows_per_sub_piece(inputs.meta), method)
+    carries = method.split_carry(inputs, carry, parts) if len(parts) > 1 else None
+    if carries is None:
+        return [method.apply(inputs, carry)]
+    return [method.apply(part, part_carry) for part, part_carry in zip(parts, carries)]
+
+
+def _run_streamed(method: MergeMethod, pieces: Sequence[Piece],
+                  reader: InputReader) -> Iterator[List[torch.Tensor]]:
+    """The whole protocol over one group's pieces, holding one piece's inputs at a time;
+    yields each piece's merged rows (as consecutive row ranges)."""
     metas = [p.meta for p in pieces]
     stats = method.plan_statistics(metas)
     carries = stats.carries
@@ -263,4 +273,4 @@ def _run_streamed(method: MergeMethod, pieces: Sequence[Piece], reader: InputRea
         carries = method.reduce(phase, metas, partials, carries)
         done += 1
     for piece, carry in zip(pieces, carries):
-        yield method.apply(reader.load(piece), carry)
+        yield _apply_in_parts(method, reader.load(piece), carry)

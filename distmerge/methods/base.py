@@ -243,6 +243,13 @@ class MergeMethod(ABC):
         """Combine the pieces' partials of `phase` (in tie order); return each piece's next carry."""
         raise NotImplementedError
 
+    def split_carry(self, inputs: PieceInputs, carry: Any, parts: Sequence[PieceInputs]) -> Optional[List[Any]]:
+        """The carries of `parts`, consecutive row ranges (views) of the piece `inputs` whose
+        reduced carry is `carry`, so that a piece over the CPU caches is applied in
+        cache-sized ranges; None (the default) applies it whole. Only for a method whose
+        `splittable` allows the piece to be cut."""
+        return None
+
     @abstractmethod
     def apply(self, inputs: PieceInputs, carry: Any) -> torch.Tensor:
         """The merged rows of this piece, in the compute dtype (the engine casts to out_dtype)."""

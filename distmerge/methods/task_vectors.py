@@ -182,6 +182,19 @@ class TaskVectorMerge(MergeMethod):
 
     # -- apply ------------------------------------------------------------------------
 
+    def split_carry(self, inputs: PieceInputs, carry: Optional[PieceCarry],
+                    parts: Sequence[PieceInputs]) -> Optional[List[Optional[PieceCarry]]]:
+        if carry is None:
+            return [None] * len(parts)
+        columns = []
+        for i, selection in enumerate(carry.selections):
+            if selection is None:
+                columns.append([None] * len(parts))
+                continue
+            columns.append(topk.split_boundaries(
+                selection, lambda j, i=i, s=selection: self._keys(parts[j], s, i), len(parts)))
+        return [PieceCarry(tuple(column[j] for column in columns), carry.l1) for j in range(len(parts))]
+
     def _work_dtype_of(self, dtype: torch.dtype) -> torch.dtype:
         return self.sparsifier.work_dtype(dtype) if self.sparsifier else dtype
 

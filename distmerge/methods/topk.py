@@ -21,7 +21,7 @@ histograms, so it can tell on its own which of its ties fall inside the window.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -188,6 +188,29 @@ def reduce_pass_each(pass_index: int, selections: Sequence[Sequence[Optional[Sel
             column = reduce_pass(pass_index, column, [p[i] for p in partials])
         columns.append(column)
     return [tuple(column[piece] for column in columns) for piece in range(len(selections))]
+
+
+def split_boundaries(selection: Selection, part_keys: Callable[[int], torch.Tensor], parts: int) -> List[Selection]:
+    """The selection of each of `parts` consecutive row ranges of one piece, given the
+    piece's final `selection` and each part's keys (`part_keys(j)`, asked for only when
+    needed). A boundary whose ties this piece keeps all or none of holds for every part as
+    it is; the piece holding the boundary counts its ties part by part."""
+    if selection.keeps != "window":
+        return [selection] * parts
+    per_part: List[Dict[str, Boundary]] = [{} for _ in range(parts)]
+    for name, b in selection.boundaries().items():
+        local = b.ordinal - b.offset  # this piece's ties before the boundary element
+        kept = local + 1 if name == "last" else b.count - local  # ties this piece keeps
+        if b.count < 0 or 0 < kept < b.count:
+            before = b.offset
+            for j in range(parts):
+                here = int((part_keys(j) == b.prefix).sum())
+                per_part[j][name] = replace(b, offset=before, count=here)
+                before += here
+        else:
+            for row in per_part:
+                row[name] = b
+    return [replace(selection, **row) for row in per_part]
 
 
 def _tie_positions(keys: torch.Tensor, key: int) -> torch.Tensor:
