@@ -16,7 +16,11 @@ then warmed with one read of every input file: both tools read from a warm cache
 Then checks that the outputs agree (identical except at top-k threshold ties, as the parity
 tests define it), and compares distmerge's wall time with the I/O floor: reading every input
 byte once from the warm cache plus writing the output bytes once and fsyncing them
-(distmerge fsyncs its shards; mergekit does not).
+(distmerge fsyncs its shards; mergekit does not). distmerge's phases (its summary's
+timeline) are set against their own floors: start-up against a bare local Ray started as
+distmerge starts it and its first task importing torch; merging against one histogram
+pass over every task vector (single-threaded CPU time, shared by the workers) plus the
+I/O floor.
 
 Generated models are kept under --work and reused by later runs with the same scale.
 """
@@ -24,9 +28,11 @@ Generated models are kept under --work and reused by later runs with the same sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -129,6 +135,68 @@ def format_processes(name: str, result: Result, n: int = 6) -> str:
     return "\n".join(lines)
 
 
+RAY_FLOOR_SCRIPT = """
+import json, os, sys, time
+started = time.time()
+import ray
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, _node_ip_address="127.0.0.1",
+         logging_level="WARNING")
+ready = time.time()
+
+def first_task():
+    import torch  # noqa: F401 - what a merge worker imports first
+    return time.time()
+
+computing = ray.get(ray.remote(first_task).remote())
+print(json.dumps({"ray_ready_s": ready - started, "first_task_s": computing - started}))
+ray.shutdown()
+"""
+
+
+def ray_start_floor(num_workers: int) -> Dict[str, float]:
+    """A bare local Ray as distmerge starts it, and one task that imports torch: when it
+    is ready, and when the task runs (seconds since the process started)."""
+    import subprocess
+
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.run([sys.executable, "-c", RAY_FLOOR_SCRIPT, str(num_workers)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def histogram_floor(paths: List[str]) -> float:
+    """CPU seconds (one thread) of one histogram pass over every task vector: each
+    model's |delta| keys binned once, the least work an exact top-k can do."""
+    import numpy as np
+    from safetensors import safe_open
+
+    torch.set_num_threads(1)
+    seconds = 0.0
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(f, "pt")) for f in input_files(paths)]
+        for name in files[0].keys():
+            base = files[0].get_tensor(name)
+            for model in files[1:]:
+                tensor = model.get_tensor(name)
+                started = time.process_time()
+                keys = (tensor - base).view(torch.int16) & 0x7FFF
+                np.bincount(keys.reshape(-1).numpy().view(np.uint16), minlength=1 << 16)
+                seconds += time.process_time() - started
+    return seconds
+
+
+TIMELINE = re.compile(r"planned at ([\d.]+) s, Ray ready at ([\d.]+) s, first unit computing at ([\d.]+) s; "
+                      r"statistics ([\d.]+) s, apply ([\d.]+) s, commit ([\d.]+) s \(workers' CPU ([\d.]+) s\)")
+
+
+def parse_timeline(stdout: str) -> Optional[Dict[str, float]]:
+    match = TIMELINE.search(stdout)
+    if not match:
+        return None
+    keys = ("planned", "ray_ready", "first_unit", "statistics", "apply", "commit", "worker_cpu")
+    return dict(zip(keys, map(float, match.groups())))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     shape = SHAPES[args.scale]
@@ -178,6 +246,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         floor = {"read_bytes": read_bytes, "read_s": read_s, "write_bytes": output_bytes, "write_s": write_s,
                  "fsync_s": fsync_s, "total_s": read_s + write_s + fsync_s}
 
+    phases = None
+    timeline = parse_timeline(results["distmerge"].stdout_tail) if "distmerge" not in failed else None
+    if timeline:
+        print("measuring the floors of start-up and statistics ...", flush=True)
+        phases = {"timeline": timeline, "ray_floor": ray_start_floor(args.num_workers),
+                  "histogram_cpu_s": histogram_floor(paths), "workers": args.num_workers}
+
     vm = psutil.virtual_memory()
     print()
     print(f"=== TIES merge, {args.scale} scale: base + 3 fine-tunes, {format_bytes(input_bytes)} in, "
@@ -191,10 +266,23 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"write {format_bytes(floor['write_bytes'])} {floor['write_s']:.2f} s + fsync {floor['fsync_s']:.2f} s "
               f"= {floor['total_s']:.2f} s; distmerge wall time = "
               f"{_ratio(results['distmerge'].wall_s, floor['total_s'])} the floor")
+    if phases:
+        t, ray_floor = phases["timeline"], phases["ray_floor"]
+        hist_wall = phases["histogram_cpu_s"] / phases["workers"]
+        work_floor = hist_wall + (floor["total_s"] if floor else 0.0)
+        print(f"phases of distmerge against their floors:\n"
+              f"  first unit computing at {t['first_unit']:.1f} s (Ray ready at {t['ray_ready']:.1f} s); floor: a bare "
+              f"Ray start {ray_floor['ray_ready_s']:.1f} s, its first torch task at {ray_floor['first_task_s']:.1f} s "
+              f"= {_ratio(t['first_unit'], ray_floor['first_task_s'])}\n"
+              f"  merging (statistics inside the tasks, then apply) {t['statistics'] + t['apply']:.1f} s, workers' CPU "
+              f"{t['worker_cpu']:.1f} s; floor: one histogram pass {phases['histogram_cpu_s']:.1f} s CPU "
+              f"({hist_wall:.1f} s on {phases['workers']} workers) + the I/O floor = {work_floor:.1f} s "
+              f"= {_ratio(t['statistics'] + t['apply'], work_floor)}\n"
+              f"  commit (checksums, fsync, renames, index) {t['commit']:.1f} s")
     for name, result in results.items():
         print(format_processes(name, result))
     if "distmerge" not in failed:
-        summary = [line for line in results["distmerge"].stdout_tail.splitlines() if line.strip()][-3:]
+        summary = [line for line in results["distmerge"].stdout_tail.splitlines() if line.strip()][-4:]
         print("distmerge's own summary (per-process peaks from VmHWM):\n"
               + "\n".join(f"  {line}" for line in summary))
     if comparison:
@@ -209,6 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
             "results": {name: r.to_json() for name, r in results.items()},
             "floor": floor,
+            "phases": phases,
             "comparison": dict(asdict(comparison), ok=comparison.ok) if comparison else None,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -61,6 +61,17 @@ def as_float_mask(agree: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (agree & ONE_BITS[dtype]).view(dtype)
 
 
+def zeros_to_one(x: torch.Tensor) -> None:
+    """`x[x == 0] = 1` in place (either zero), as a few integer ops on the bit patterns."""
+    bits = as_int(x)
+    zero = bits & torch.iinfo(bits.dtype).max
+    zero -= 1
+    zero >>= bits.element_size() * 8 - 1  # -1 where the magnitude is zero, else 0
+    swap = bits ^ ONE_BITS[x.dtype]
+    swap &= zero
+    bits ^= swap
+
+
 def keep_bits_of(kept: torch.Tensor, int_dtype: torch.dtype) -> torch.Tensor:
     """A boolean keep mask as integer keep bits of `int_dtype`: all ones where kept, only the
     sign bit elsewhere (so `bits & keep` is `x * mask` bit for bit)."""

@@ -271,7 +271,7 @@ class TaskVectorMerge(MergeMethod):
                 del own, unweighted_sum
             mixed = signs.sum_models(signs.masked(deltas, agree))
             divisor = signs.sum_models(weights * signs.as_float_mask(agree, dtype))
-            divisor[divisor == 0] = 1
+            signs.zeros_to_one(divisor)
             del agree
         else:
             mixed = signs.sum_models(deltas)
