@@ -173,7 +173,9 @@ def histogram_floor(paths: List[str]) -> float:
     torch.set_num_threads(1)
     seconds = 0.0
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(f, "pt")) for f in input_files(paths)]
+        shards = [f for f in input_files(paths) if f.endswith(".safetensors")]
+        assert len(shards) == len(paths), "one safetensors file per model expected"
+        files = [stack.enter_context(safe_open(f, "pt")) for f in shards]
         for name in files[0].keys():
             base = files[0].get_tensor(name)
             for model in files[1:]:

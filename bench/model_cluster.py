@@ -8,20 +8,18 @@ Nothing here runs on a cluster or touches S3. The script
    is truncated to its full size, so it is sparse and takes a few MB of disk), and plans a
    TIES merge of them with the real planner (`distmerge.api.plan`, `--memory-per-worker`,
    default 4GiB), counting the storage requests planning makes (every `ModelFiles` call:
-   HEAD or GET on S3). From the plan it takes the units, the statistics rounds, the bytes
-   read per round (a tensor split into row ranges is read once per statistics phase and
-   again to apply; a tensor merged whole is read once), the output bytes, shards and
-   multipart parts, and the elements of every piece;
+   HEAD or GET on S3). From the plan it takes the units, the statistics rounds (only a
+   model-wide statistic has driver rounds; a split tensor whose statistics are per tensor
+   is one streamed unit that reads its inputs once), the bytes read per round, the output
+   bytes, shards and multipart parts, and the elements of every piece;
 2. measures on this machine, single-threaded (`torch.set_num_threads(1)`, as a worker with
-   `--threads-per-worker 1`), the real worker code (`distmerge.engine.worker.collect_unit`
-   and `apply_unit`, the TIES method, local memory-mapped inputs in the page cache) on a
+   `--threads-per-worker 1`), the real worker code (`distmerge.engine.worker.merge_unit`
+   and `collect_unit`, the TIES method, local memory-mapped inputs in the page cache) on a
    real bf16 tensor of the 405B row width (2048 x 16384, base + three fine-tunes with
-   heavy-tailed deltas): seconds per element of each statistics phase and of apply for a
-   split tensor (pieces of 16.8M elements, whose working set of ~0.7 GB is well past the
-   L3 cache; 2.1M-element pieces are timed too, to show the trend: the apply of a split
-   piece is not cut into cache-sized sub-pieces, so it costs more per element as pieces
-   grow; the 405B plan's split pieces average ~96M elements, so its apply may cost more
-   than measured here), and of the whole protocol of a tensor merged whole (one read,
+   heavy-tailed deltas): seconds per element of a streamed unit (the tensor cut into pieces
+   of 16.8M elements, well past the L3 cache, each applied in cache-sized ranges; 2.1M-element
+   pieces are timed too, to show the trend), and of the whole protocol of a tensor merged
+   whole (one read,
    cache-sized sub-pieces). It also times the byte primitives of the S3 client
    and of the writer on 64 MiB buffers: memcpy, SHA-256 (the part checksums), CRC32
    (botocore's default upload checksum), AES-GCM (TLS, with `cryptography`);
@@ -55,10 +53,9 @@ Nothing here runs on a cluster or touches S3. The script
    The "no overlap" column adds compute and S3 read instead of taking their maximum: a task
    fetches its inputs, then computes, so overlap comes only from many tasks per node.
 
-   The same model is printed again with read-once inputs (read amplification 1.0: every
-   input byte fetched from S3 once, as planned work would make it: the statistics round
-   fetches the split tensors, apply fetches only the tensors merged whole), everything else
-   equal; and a third time with read-once inputs and a writer uploading with more threads
+   When the plan reads some input bytes more than once (a model-wide statistic), the
+   model is printed again with read-once inputs, everything else equal; and, always, with
+   read-once inputs and a writer uploading with more threads
    (--what-if-upload-threads, default 16), to show the bound that comes next.
 
 What is measured and what is assumed:
@@ -740,17 +737,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"({UPLOAD_THREADS} threads x {args.put_mbps_per_connection:g} MB/s), S3 latency {args.s3_latency_ms:g} ms, "
           f"Ray start {args.ray_start_s:g} s, task overhead {args.task_overhead_ms:g} ms, cpu scale {args.cpu_scale:g}")
     print()
-    print("expected wall time, reads as planned (split tensors read once per statistics phase and again to apply):")
+    print(f"expected wall time, reads as planned (read amplification {w.amplification:.3f}):")
     print(table(as_planned))
-    print()
-    print(f"what-if: read-once inputs (amplification 1.0, {w.input_bytes / GB:.0f} GB from S3), all else equal:")
-    print(table(read_once))
+    shown = [("as planned", as_planned)]
+    if w.amplification > 1.001:  # a plan that reads some input bytes more than once
+        print()
+        print(f"what-if: read-once inputs (amplification 1.0, {w.input_bytes / GB:.0f} GB from S3), all else equal:")
+        print(table(read_once))
+        shown.append(("read-once", read_once))
     print()
     print(f"what-if: read-once and the writer uploading with {args.what_if_upload_threads} threads "
           f"({fast_upload / GB:.2f} GB/s), all else equal:")
     print(table(fast_writer))
-    for label, estimates in (("as planned", as_planned), ("read-once", read_once),
-                             (f"read-once, {args.what_if_upload_threads} upload threads", fast_writer)):
+    shown.append((f"read-once, {args.what_if_upload_threads} upload threads", fast_writer))
+    for label, estimates in shown:
         for e in estimates:
             print(f"\n{label}, {e.nodes} node(s):")
             print(rounds_table(e))
