@@ -37,7 +37,8 @@ def default_memory_per_worker(num_workers: int) -> int:
     """A quarter of this machine's memory shared among the workers, between 256 MiB and 1 GiB.
 
     Bigger units buy little: tensors are processed in cache-sized row ranges anyway, and
-    only tensors over the budget pay for a second read (their statistics pass).
+    a tensor over the budget is still read once (a streamed unit), at the cost of running
+    in one task.
     """
     total = psutil.virtual_memory().total
     return int(min(2**30, max(256 * 2**20, total * 0.25 / max(1, num_workers))))

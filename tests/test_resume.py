@@ -105,6 +105,31 @@ def test_dead_writer_is_replaced_in_place(ray_local, config_path, tmp_path):
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "calm"))
 
 
+def test_dead_writer_mid_stream_is_replaced(ray_local, config_path, tmp_path):
+    """With a budget that makes every tensor a streamed unit of many row ranges, the writer
+    dies while units are sending it their ranges: those are computed again for the new
+    writer, and the output is bit-identical."""
+    options = dict(num_workers=2, memory_per_worker=128 * 1024)
+    assert all(u.streamed and len(u.pieces) > 1 for u in distmerge.plan(config_path, **options).units
+               if len(u.pieces) > 1)
+    distmerge.merge(config_path, str(tmp_path / "calm"), **options)
+    out = tmp_path / "out"
+    shard = out / "model-00001-of-00001.safetensors.partial"
+    started: list = []
+    killed: list = []
+
+    def writing_for_a_while() -> bool:
+        if shard.exists() and not started:
+            started.append(time.time())
+        return bool(started) and time.time() - started[0] > 0.5
+
+    killer = kill_actor_when("ShardWriter", writing_for_a_while, killed)
+    summary = distmerge.merge(config_path, str(out), **options)
+    killer.join()
+    assert killed and summary.writer_restarts == 1
+    assert shard_bytes(str(out)) == shard_bytes(str(tmp_path / "calm"))
+
+
 def test_manifest_without_shards_starts_afresh(config_path, tmp_path):
     """Killed while starting (the manifest written, no shard yet): nothing to resume, and
     nothing to refuse; a finished checkpoint, though, is never taken for an interrupted one."""

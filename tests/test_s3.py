@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import time
 import uuid
 
 import pytest
@@ -393,3 +394,23 @@ def test_writer_that_cannot_start_fails_with_its_reason(ray_local, s3, s3_models
     assert "restart" not in str(info.value)
     assert not s3.client().list_objects_v2(Bucket=bucket).get("Contents")
     assert not s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def test_scratch_of_killed_tasks_is_removed_later(tmp_path, monkeypatch):
+    """A streamed task killed before its cleanup leaves its scratch directory; the next one
+    removes it once it is old, never one whose process lives or that is recent."""
+    from distmerge.engine import worker
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = 99_999_999  # above any pid_max
+    dirs = {name: tmp_path / f"{worker.SCRATCH_PREFIX}{name}" for name in
+            (f"{gone}-old", f"{gone}-recent", f"{os.getpid()}-alive", "not-a-pid")}
+    for path in dirs.values():
+        path.mkdir()
+        (path / "piece-0").write_bytes(b"x")
+    old = time.time() - worker.ORPHAN_AGE - 60
+    for name in (f"{gone}-old", f"{os.getpid()}-alive", "not-a-pid"):
+        os.utime(dirs[name], (old, old))
+    worker._remove_orphaned_scratch()
+    assert {name for name, path in dirs.items() if path.exists()} == {
+        f"{gone}-recent", f"{os.getpid()}-alive", "not-a-pid"}

@@ -51,6 +51,29 @@ def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
                          f"{meta.row_end}); fix the input, or pass --allow-nonfinite to merge anyway")
 
 
+SCRATCH_PREFIX = "distmerge-scratch-"
+
+
+ORPHAN_AGE = 3600.0  # seconds: a scratch directory untouched this long, of a process gone, is an orphan
+
+
+def _remove_orphaned_scratch() -> None:
+    """Remove the scratch directories of tasks killed before they could clean up: each is
+    named after its process id; one whose process is gone and that was last changed over
+    ORPHAN_AGE ago (a TMPDIR shared with another pid namespace stays safe) is removed."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not name.startswith(SCRATCH_PREFIX) or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if time.time() - os.stat(path).st_mtime > ORPHAN_AGE:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class InputReader:
     """Loads pieces' input rows and counts the bytes read from the inputs' storage.
 
@@ -122,7 +145,8 @@ class InputReader:
 
     def _write_scratch(self, key: Tuple[str, int], source: int, data: bytearray, tensor: str) -> None:
         if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix="distmerge-scratch-")
+            _remove_orphaned_scratch()
+            self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
         path = self._scratch_path(key, source)
         try:
             with open(path, "wb") as f:
