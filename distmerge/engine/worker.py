@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
 from distmerge.methods.base import MergeMethod, Phase, PieceInputs, run_in_memory
-from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
+from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
 
 WHOLE_GROUP = "whole group"  # carry marker: this piece is its whole reduction group: run every phase here
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.
@@ -90,14 +91,37 @@ class InputReader:
         self.read_bytes = 0
         self._seen: Set[Tuple[str, int]] = set()
         self._scratch: Optional[str] = None
+        self._fetcher: Optional[ThreadPoolExecutor] = None
+        self._ahead: Dict[Tuple[str, int], Future] = {}
 
     def __enter__(self) -> "InputReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
+            self._fetcher = None
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+
+    def prefetch(self, piece: Piece) -> None:
+        """Start fetching `piece`'s remote ranges in the background, so that the network
+        wait overlaps the computing of the piece before it (one piece ahead at most)."""
+        key = (piece.meta.tensor, piece.meta.row_start)
+        remote = [s for s in piece.sources if is_remote(s.path)]
+        if not remote or key in self._ahead or (self.keep and key in self._seen):
+            return
+        if self._fetcher is None:
+            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        requests = [(s.path, s.start, s.end, s.version) for s in remote]
+        self._ahead[key] = self._fetcher.submit(read_remote_many, self.storage, requests)
+
+    def _fetch(self, key: Tuple[str, int], sources: Sequence[SourceRange]) -> List[bytearray]:
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            return ahead.result()
+        return read_remote_many(self.storage, [(s.path, s.start, s.end, s.version) for s in sources])
 
     def tensors(self, piece: Piece) -> List[torch.Tensor]:
         """The piece's rows of every input, in their stored dtype: remote ranges fetched
@@ -109,7 +133,7 @@ class InputReader:
         rows = meta.row_end - meta.row_start
         shape = (rows, *meta.shape[1:]) if meta.shape else ()
         fetch = [s for s in piece.sources if is_remote(s.path)] if first or not self.keep else []
-        fetched = iter(read_remote_many(self.storage, [(s.path, s.start, s.end, s.version) for s in fetch]))
+        fetched = iter(self._fetch(key, fetch) if fetch else ())
         tensors = []
         for i, source in enumerate(piece.sources):
             dtype = SAFETENSORS_TO_TORCH[source.dtype]
@@ -260,12 +284,17 @@ def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],
     while position < len(unit.pieces):
         piece, carry = unit.pieces[position], carries[position]
         if not (isinstance(carry, str) and carry == WHOLE_GROUP):
-            yield _apply_in_parts(method, reader.load(piece), carry)
+            inputs = reader.load(piece)
+            if position + 1 < len(unit.pieces):
+                reader.prefetch(unit.pieces[position + 1])
+            yield _apply_in_parts(method, inputs, carry)
             position += 1
             continue
         end = position + 1
         while end < len(unit.pieces) and unit.pieces[end].group == piece.group:
             end += 1
+        if end < len(unit.pieces):
+            reader.prefetch(unit.pieces[end])
         if end - position == 1:
             inputs = reader.load(piece)
             yield run_in_memory(method, _sub_pieces(inputs, _rows_per_sub_piece(piece.meta), method))
@@ -293,7 +322,13 @@ def _run_streamed(method: MergeMethod, pieces: Sequence[Piece],
     carries = stats.carries
     done = 0
     while (phase := method.next_phase(stats, done, carries)) is not None:
-        partials = [method.collect(phase, reader.load(p), c) for p, c in zip(pieces, carries)]
+        partials = []
+        for k, (piece, carry) in enumerate(zip(pieces, carries)):
+            inputs = reader.load(piece)
+            if k + 1 < len(pieces):
+                reader.prefetch(pieces[k + 1])
+            partials.append(method.collect(phase, inputs, carry))
+            del inputs
         carries = method.reduce(phase, metas, partials, carries)
         done += 1
     for piece, carry in zip(pieces, carries):
