@@ -468,8 +468,11 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
     for spec in specs:
         shape = spec.shape
         n_models = len(spec.infos) - (1 if spec.with_base else 0)
+        # Remote inputs count twice: a task holds the next piece's fetched bytes while it computes.
+        input_copies = 2 if any(is_remote(i.path) for i in spec.infos) else 1
         per_element = (method.working_set_factor(n_models) * spec.dtype.itemsize
-                       + sum(i.nbytes for i in spec.infos) / max(1, spec.numel) + spec.out_dtype.itemsize)
+                       + input_copies * sum(i.nbytes for i in spec.infos) / max(1, spec.numel)
+                       + spec.out_dtype.itemsize)
         rows_total = shape[0] if shape else 1
         step = max(1, _rows_per_step(config, spec, per_element, budget, seed))
         row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
