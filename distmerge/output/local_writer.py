@@ -2,8 +2,9 @@
 
 Shards are written as `<name>.partial`, preallocated to their final size with their
 header in place; they are renamed to their final names only by `finalize`, after every
-byte range has been written. The class is plain Python; `engine/writer.py` runs it as
-a Ray actor on the node that holds the output directory.
+byte range has been written. Each checksum block is hashed as soon as it is whole. The
+class is plain Python; `engine/writer.py` runs it as a Ray actor on the node that holds
+the output directory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,6 +37,10 @@ class ShardWriter:
         self.fds: List[int] = []
         self.written = list(resume) if resume is not None else [0] * len(layout.shards)
         self.progress = ProgressLog(out_dir)
+        # A fresh writer hashes each checksum block once all its bytes are written, on a
+        # thread of its own, so that the commit does not read the shards back; a resumed
+        # one does not know which blocks are whole and hashes them all at the commit.
+        self.blocks = None if resume is not None else BlockHasher(layout, checksum.LOCAL_BLOCK)
         for shard in layout.shards:
             path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
             if resume is not None:
@@ -44,6 +50,9 @@ class ShardWriter:
                 os.ftruncate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)  # resumed too: no unit logged means no header synced
             self.fds.append(fd)
+        if self.blocks is not None:
+            for i, shard in enumerate(layout.shards):
+                self.blocks.written(i, 0, len(shard.header), self.fds[i])
 
     def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
         """Write `data` split into (shard, file offset, length) segments, in order; log `unit` as done."""
@@ -60,6 +69,8 @@ class ShardWriter:
                 done += os.pwrite(self.fds[shard], chunk[done:], offset + done)
             self.written[shard] += length
             position += length
+            if self.blocks is not None:
+                self.blocks.written(shard, offset, length, self.fds[shard])
         if unit >= 0:
             self.progress.add(unit, self.fds)
         return position
@@ -76,8 +87,13 @@ class ShardWriter:
             if self.written[i] != expected:
                 raise MergeFailed(f"{shard.file_name}: {self.written[i]} of {expected} data bytes were written")
             fd = self.fds[i]
-            checksums[shard.file_name] = checksum.checksum_of(
-                lambda a, b, fd=fd: os.pread(fd, b - a, a), shard.size, checksum.LOCAL_BLOCK)
+            read = lambda a, b, fd=fd: os.pread(fd, b - a, a)  # noqa: E731
+            if self.blocks is None:
+                checksums[shard.file_name] = checksum.checksum_of(read, shard.size, checksum.LOCAL_BLOCK)
+            else:
+                checksums[shard.file_name] = self.blocks.checksum(i, read)
+        if self.blocks is not None:
+            self.blocks.close()
         self.progress.flush(self.fds)  # so a crash among the renames below still resumes
         for fd in self.fds:
             os.fsync(fd)
@@ -92,6 +108,8 @@ class ShardWriter:
 
     def interrupted(self) -> None:
         """Log what is synced and close, keeping the partial shards for a resume."""
+        if self.blocks is not None:
+            self.blocks.close()
         self.progress.flush(self.fds)
         for fd in self.fds:
             os.close(fd)
@@ -99,6 +117,48 @@ class ShardWriter:
 
     def process_id(self) -> int:
         return os.getpid()
+
+
+class BlockHasher:
+    """The block digests of `checksum` for shards written out of order: a block is hashed
+    (read back from the page cache, on a background thread) once every byte of it has been
+    written; a block written more than once, or never seen whole, is hashed at the end."""
+
+    def __init__(self, layout: OutputLayout, block_size: int) -> None:
+        self.block_size = block_size
+        self.sizes = [shard.size for shard in layout.shards]
+        self.filled = [[0] * max(1, -(-size // block_size)) for size in self.sizes]
+        self.digests: List[Dict[int, Future]] = [{} for _ in self.sizes]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="block-hasher")
+
+    def _length(self, shard: int, block: int) -> int:
+        return min(self.block_size, self.sizes[shard] - block * self.block_size)
+
+    def written(self, shard: int, offset: int, length: int, fd: int) -> None:
+        end = offset + length
+        for block in range(offset // self.block_size, -(-end // self.block_size)):
+            start = block * self.block_size
+            self.filled[shard][block] += min(end, start + self.block_size) - max(offset, start)
+            whole = self.filled[shard][block] == self._length(shard, block)
+            if whole:
+                size = self._length(shard, block)
+                self.digests[shard][block] = self.pool.submit(
+                    lambda fd=fd, a=start, n=size: checksum.block_digest(os.pread(fd, n, a)))
+            elif self.filled[shard][block] > self._length(shard, block):
+                self.digests[shard].pop(block, None)  # written twice: hashed at the end
+
+    def checksum(self, shard: int, read) -> str:
+        """The shard's checksum: the digests computed so far, the missing ones now."""
+        digests = []
+        for block in range(len(self.filled[shard])):
+            future = self.digests[shard].get(block)
+            start = block * self.block_size
+            digests.append(future.result() if future is not None else
+                           checksum.block_digest(read(start, start + self._length(shard, block))))
+        return checksum.combine(digests)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
