@@ -2,7 +2,8 @@
 
 checksum = sha256( sha256(block 0) || sha256(block 1) || ... ), blocks of `block_size`
 bytes (the last shorter). The S3 writer hashes each multipart part as it uploads it
-(block = part), the local writer reads its shards back once when they are complete.
+(block = part), the local writer hashes each block once all of it is written (a resumed
+one reads its shards back at the commit).
 The algorithm and block size are recorded next to the checksums in the index metadata.
 """
 
