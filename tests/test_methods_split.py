@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distmerge.methods import METHODS, topk
-from distmerge.methods.base import PieceInputs, PieceMeta, ResolvedParams, run_in_memory
+from distmerge.methods.base import PieceInputs, PieceMeta, ResolvedParams, reduce_statistics, run_in_memory
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -65,13 +65,7 @@ def _merge_applied_in_parts(method, name, base, models, params, cuts, part_rows,
     m = METHODS[method]
     with_base = m.uses_base if with_base is None else with_base
     pieces = _pieces(name, base, models, params, cuts, with_base, seed, m)
-    metas = [p.meta for p in pieces]
-    stats = m.plan_statistics(metas)
-    carries, done = stats.carries, 0
-    while (phase := m.next_phase(stats, done, carries)) is not None:
-        partials = [m.collect(phase, p, c) for p, c in zip(pieces, carries)]
-        carries = m.reduce(phase, metas, partials, carries)
-        done += 1
+    carries = reduce_statistics(m, [p.meta for p in pieces], lambda i: pieces[i])
     outs = []
     for piece, carry in zip(pieces, carries):
         rows = piece.meta.row_end - piece.meta.row_start

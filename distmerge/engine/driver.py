@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from distmerge.engine.writer import WriterActor
-from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, warm_up, scan_unit
+from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, scan_unit, warm_up
 from distmerge.errors import DistmergeError, MergeFailed, OutputFull, WriterLost
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
@@ -177,7 +177,8 @@ class Driver:
         """Have `workers` worker processes import the worker code (torch) now, while the
         destination is prepared and the writer starts; nothing waits for them."""
         task = self.ray.remote(warm_up).options(num_cpus=self.threads)
-        self._warming = [task.remote() for _ in range(workers)]
+        for _ in range(workers):
+            task.remote()
 
     def check_inputs(self) -> None:
         """Read every input byte once and refuse NaN/Inf before anything is merged or written."""

@@ -27,7 +27,7 @@ from distmerge.io.remote import changed_error, read_remote_many
 from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import get_method
-from distmerge.methods.base import MergeMethod, Phase, PieceInputs, run_in_memory
+from distmerge.methods.base import MergeMethod, Phase, PieceInputs, reduce_statistics, run_in_memory
 from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
 
 WHOLE_GROUP = "whole group"  # carry marker: this piece is its whole reduction group: run every phase here
@@ -53,8 +53,6 @@ def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
 
 
 SCRATCH_PREFIX = "distmerge-scratch-"
-
-
 ORPHAN_AGE = 3600.0  # seconds: a scratch directory untouched this long, of a process gone, is an orphan
 
 
@@ -64,8 +62,10 @@ def _remove_orphaned_scratch() -> None:
     ORPHAN_AGE ago (a TMPDIR shared with another pid namespace stays safe) is removed."""
     root = tempfile.gettempdir()
     for name in os.listdir(root):
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
         pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not name.startswith(SCRATCH_PREFIX) or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
             continue
         path = os.path.join(root, name)
         try:
@@ -73,6 +73,11 @@ def _remove_orphaned_scratch() -> None:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
             continue
+
+
+def _key(piece: Piece) -> Tuple[str, int]:
+    """A piece's identity within a unit: its tensor and first row."""
+    return piece.meta.tensor, piece.meta.row_start
 
 
 class InputReader:
@@ -108,7 +113,7 @@ class InputReader:
     def prefetch(self, piece: Piece) -> None:
         """Start fetching `piece`'s remote ranges in the background, so that the network
         wait overlaps the computing of the piece before it (one piece ahead at most)."""
-        key = (piece.meta.tensor, piece.meta.row_start)
+        key = _key(piece)
         remote = [s for s in piece.sources if is_remote(s.path)]
         if not remote or key in self._ahead or (self.keep and key in self._seen):
             return
@@ -127,7 +132,7 @@ class InputReader:
         """The piece's rows of every input, in their stored dtype: remote ranges fetched
         concurrently, local ones memory-mapped; NaN/Inf refused unless allowed."""
         meta = piece.meta
-        key = (meta.tensor, meta.row_start)
+        key = _key(piece)
         first = key not in self._seen
         self._seen.add(key)
         rows = meta.row_end - meta.row_start
@@ -317,19 +322,13 @@ def _run_streamed(method: MergeMethod, pieces: Sequence[Piece],
                   reader: InputReader) -> Iterator[List[torch.Tensor]]:
     """The whole protocol over one group's pieces, holding one piece's inputs at a time;
     yields each piece's merged rows (as consecutive row ranges)."""
-    metas = [p.meta for p in pieces]
-    stats = method.plan_statistics(metas)
-    carries = stats.carries
-    done = 0
-    while (phase := method.next_phase(stats, done, carries)) is not None:
-        partials = []
-        for k, (piece, carry) in enumerate(zip(pieces, carries)):
-            inputs = reader.load(piece)
-            if k + 1 < len(pieces):
-                reader.prefetch(pieces[k + 1])
-            partials.append(method.collect(phase, inputs, carry))
-            del inputs
-        carries = method.reduce(phase, metas, partials, carries)
-        done += 1
+
+    def load(k: int) -> PieceInputs:
+        inputs = reader.load(pieces[k])
+        if k + 1 < len(pieces):
+            reader.prefetch(pieces[k + 1])
+        return inputs
+
+    carries = reduce_statistics(method, [p.meta for p in pieces], load)
     for piece, carry in zip(pieces, carries):
         yield _apply_in_parts(method, reader.load(piece), carry)

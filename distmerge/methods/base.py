@@ -255,14 +255,22 @@ class MergeMethod(ABC):
         """The merged rows of this piece, in the compute dtype (the engine casts to out_dtype)."""
 
 
-def run_in_memory(method: MergeMethod, pieces: Sequence[PieceInputs]) -> List[torch.Tensor]:
-    """Run the whole protocol over the pieces of one reduction group in this process."""
-    metas = [p.meta for p in pieces]
+def reduce_statistics(method: MergeMethod, metas: Sequence[PieceMeta],
+                      load: Callable[[int], PieceInputs]) -> List[Any]:
+    """Run every statistics phase of one reduction group in this process; return each
+    piece's final carry. `load(i)` gives piece i's inputs, once per phase: the same object
+    each time (its memo kept), or loaded anew (one piece in memory at a time)."""
     stats = method.plan_statistics(metas)
     carries = stats.carries
     done = 0
     while (phase := method.next_phase(stats, done, carries)) is not None:
-        partials = [method.collect(phase, p, c) for p, c in zip(pieces, carries)]
+        partials = [method.collect(phase, load(i), c) for i, c in enumerate(carries)]
         carries = method.reduce(phase, metas, partials, carries)
         done += 1
+    return carries
+
+
+def run_in_memory(method: MergeMethod, pieces: Sequence[PieceInputs]) -> List[torch.Tensor]:
+    """Run the whole protocol over the pieces of one reduction group in this process."""
+    carries = reduce_statistics(method, [p.meta for p in pieces], lambda i: pieces[i])
     return [method.apply(p, c) for p, c in zip(pieces, carries)]

@@ -37,10 +37,10 @@ class ShardWriter:
         self.fds: List[int] = []
         self.written = list(resume) if resume is not None else [0] * len(layout.shards)
         self.progress = ProgressLog(out_dir)
-        # A fresh writer hashes each checksum block once all its bytes are written, on a
-        # thread of its own, so that the commit does not read the shards back; a resumed
-        # one does not know which blocks are whole and hashes them all at the commit.
-        self.blocks = None if resume is not None else BlockHasher(layout, checksum.LOCAL_BLOCK)
+        # Each checksum block is hashed, on a thread of its own, once all its bytes are
+        # written by this writer, so that the commit need not read the shards back; a
+        # block partly written before a resume is hashed at the commit.
+        self.blocks = BlockHasher(layout, checksum.LOCAL_BLOCK)
         for shard in layout.shards:
             path = os.path.join(out_dir, shard.file_name + PARTIAL_SUFFIX)
             if resume is not None:
@@ -50,9 +50,8 @@ class ShardWriter:
                 os.ftruncate(fd, shard.size)
             os.pwrite(fd, shard.header, 0)  # resumed too: no unit logged means no header synced
             self.fds.append(fd)
-        if self.blocks is not None:
-            for i, shard in enumerate(layout.shards):
-                self.blocks.written(i, 0, len(shard.header), self.fds[i])
+        for i, shard in enumerate(layout.shards):
+            self.blocks.written(i, 0, len(shard.header), self.fds[i])
 
     def write(self, segments: Sequence[Tuple[int, int, int]], data: np.ndarray, unit: int = -1) -> int:
         """Write `data` split into (shard, file offset, length) segments, in order; log `unit` as done."""
@@ -69,8 +68,7 @@ class ShardWriter:
                 done += os.pwrite(self.fds[shard], chunk[done:], offset + done)
             self.written[shard] += length
             position += length
-            if self.blocks is not None:
-                self.blocks.written(shard, offset, length, self.fds[shard])
+            self.blocks.written(shard, offset, length, self.fds[shard])
         if unit >= 0:
             self.progress.add(unit, self.fds)
         return position
@@ -87,13 +85,8 @@ class ShardWriter:
             if self.written[i] != expected:
                 raise MergeFailed(f"{shard.file_name}: {self.written[i]} of {expected} data bytes were written")
             fd = self.fds[i]
-            read = lambda a, b, fd=fd: os.pread(fd, b - a, a)  # noqa: E731
-            if self.blocks is None:
-                checksums[shard.file_name] = checksum.checksum_of(read, shard.size, checksum.LOCAL_BLOCK)
-            else:
-                checksums[shard.file_name] = self.blocks.checksum(i, read)
-        if self.blocks is not None:
-            self.blocks.close()
+            checksums[shard.file_name] = self.blocks.checksum(i, lambda a, b, fd=fd: os.pread(fd, b - a, a))
+        self.blocks.close()
         self.progress.flush(self.fds)  # so a crash among the renames below still resumes
         for fd in self.fds:
             os.fsync(fd)
@@ -108,8 +101,7 @@ class ShardWriter:
 
     def interrupted(self) -> None:
         """Log what is synced and close, keeping the partial shards for a resume."""
-        if self.blocks is not None:
-            self.blocks.close()
+        self.blocks.close()
         self.progress.flush(self.fds)
         for fd in self.fds:
             os.close(fd)
@@ -137,14 +129,12 @@ class BlockHasher:
     def written(self, shard: int, offset: int, length: int, fd: int) -> None:
         end = offset + length
         for block in range(offset // self.block_size, -(-end // self.block_size)):
-            start = block * self.block_size
-            self.filled[shard][block] += min(end, start + self.block_size) - max(offset, start)
-            whole = self.filled[shard][block] == self._length(shard, block)
-            if whole:
-                size = self._length(shard, block)
+            start, size = block * self.block_size, self._length(shard, block)
+            self.filled[shard][block] += min(end, start + size) - max(offset, start)
+            if self.filled[shard][block] == size:
                 self.digests[shard][block] = self.pool.submit(
                     lambda fd=fd, a=start, n=size: checksum.block_digest(os.pread(fd, n, a)))
-            elif self.filled[shard][block] > self._length(shard, block):
+            elif self.filled[shard][block] > size:
                 self.digests[shard].pop(block, None)  # written twice: hashed at the end
 
     def checksum(self, shard: int, read) -> str:
