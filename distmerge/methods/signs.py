@@ -41,11 +41,25 @@ def agreement(signs_of: torch.Tensor, vote: torch.Tensor) -> torch.Tensor:
     return agree
 
 
+# Up to this many models torch sums dim 0 of a contiguous tensor in model order from +0
+# (beyond, in a tree of partial sums; sum_models then follows torch).
+SEQUENTIAL_SUM_MAX = 16
+
+
 def sum_models(stacked: torch.Tensor) -> torch.Tensor:
-    """`stacked.sum(dim=0)` bit for bit, about twice as fast for 16-bit floats: torch sums
-    those in float32 and rounds once either way (mergekit sums its stacked deltas so)."""
-    if stacked.dtype in (torch.bfloat16, torch.float16):
-        return stacked.sum(dim=0, dtype=torch.float32).to(stacked.dtype)
+    """`stacked.sum(dim=0)` as mergekit computes it over a whole tensor: for 16-bit floats
+    of up to SEQUENTIAL_SUM_MAX models, in float32 from +0 in model order, rounded once.
+
+    That is torch's order for every element but a tensor's last few: past its last full
+    block of vector lanes (32 or 64 elements, by the CPU's vector width) torch interleaves
+    four partial sums, so with five or more models those elements' sums depend on the
+    CPU and on where a tensor is cut. Here every element sums in model order, so any cut
+    gives the same bits (and the fused kernel sums so too)."""
+    if stacked.dtype in (torch.bfloat16, torch.float16) and stacked.shape[0] <= SEQUENTIAL_SUM_MAX:
+        total = torch.zeros(stacked.shape[1:], dtype=torch.float32)
+        for model in stacked:
+            total += model
+        return total.to(stacked.dtype)
     return stacked.sum(dim=0)
 
 

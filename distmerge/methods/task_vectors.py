@@ -23,7 +23,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
-from distmerge.methods import exactsum, signs, topk
+from distmerge.methods import exactsum, fused, signs, topk
 from distmerge.methods.base import (
     MergeMethod,
     ParameterSpec,
@@ -164,8 +164,15 @@ class TaskVectorMerge(MergeMethod):
                 inputs.memo[f"kept{i}"] = kept  # apply reuses it when it runs in this process
                 sums.append((exactsum.abs_sum_parts(work), exactsum.abs_sum_parts(kept)))
             return sums
-        return [None if s is None or not s.searching else topk.histograms(self._keys(inputs, s, i), s, phase.index)
+        return [None if s is None or not s.searching else self._histograms(inputs, s, i, phase.index)
                 for i, s in enumerate(carry.selections)]
+
+    def _histograms(self, inputs: PieceInputs, selection: topk.Selection, index: int, pass_index: int) -> Any:
+        model = inputs.models[index]
+        if selection.bits == 16 and "deltas" not in inputs.memo and fused.usable(inputs.base, model):
+            histogram = fused.delta_histogram(inputs.base, model)  # one pass: 16-bit keys need no other
+            return {name: histogram for name in selection.boundaries()}
+        return topk.histograms(self._keys(inputs, selection, index), selection, pass_index)
 
     def reduce(self, phase: Phase, metas: Sequence[PieceMeta], partials: Sequence[Any],
                carries: Sequence[PieceCarry]) -> List[PieceCarry]:
@@ -241,7 +248,41 @@ class TaskVectorMerge(MergeMethod):
                 kept = kept * (before / after)
         out.copy_(kept)
 
+    def _fused_keep(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int) -> fused.Keep:
+        """Model `index`'s keep rule for the fused kernel: a key threshold where the
+        selection is one (nearly always), else keep bits."""
+        selection = carry.selections[index] if carry is not None and self.sparsifier is not None else None
+        if selection is not None and selection.bits == 16:
+            threshold = topk.keep_threshold(selection)
+            if threshold is not None:
+                return threshold
+        if self.sparsifier is None or (self.sparsifier.ranked and selection is None):
+            return fused.KEEP_ALL
+        delta = self._deltas(inputs)[index]
+        keep = self._keep_bits(inputs, carry, index, delta)
+        return fused.KEEP_ALL if keep is None else keep
+
+    def _apply_fused(self, inputs: PieceInputs, carry: Optional[PieceCarry]) -> Optional[torch.Tensor]:
+        """`apply` by the fused kernel, or None where it does not cover the options (rescale,
+        unweighted sign election, a dtype other than bfloat16, over MAX_MODELS models)."""
+        shared = inputs.meta.params.shared
+        if (len(inputs.models) > fused.MAX_MODELS or not fused.usable(inputs.base, *inputs.models)
+                or (carry is not None and carry.l1 is not None) or shared.get("sign_election") == "unweighted"
+                or (self.sparsifier is not None and self.sparsifier.work_dtype(torch.bfloat16) != torch.bfloat16)):
+            return None
+        keeps = [self._fused_keep(inputs, carry, i) for i in range(len(inputs.models))]
+        inputs.memo.clear()
+        weights = torch.tensor(inputs.meta.params.model_values("weight"), dtype=torch.bfloat16)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+        scale = None if shared["lambda"] == 1 else float(shared["lambda"])
+        return fused.merge(inputs.base, inputs.models, keeps, weights, consensus=bool(self.consensus),
+                           normalize=bool(shared["normalize"]), divisor=float(divisor), scale=scale)
+
     def apply(self, inputs: PieceInputs, carry: Optional[PieceCarry]) -> torch.Tensor:
+        merged = self._apply_fused(inputs, carry)
+        if merged is not None:
+            return merged
         params = inputs.meta.params
         shared = params.shared
         base = inputs.base

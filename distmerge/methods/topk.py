@@ -234,6 +234,21 @@ def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     return mask
 
 
+def keep_threshold(selection: Selection) -> Optional[int]:
+    """The key above which this piece keeps entries, for a top-k whose ties this piece
+    keeps all or none of (nearly every piece); None for any other selection. A selection
+    that keeps all (none) gives -1 (the largest key of its width)."""
+    if selection.keeps != "window":
+        return -1 if selection.keeps == "all" else (1 << (selection.bits - 1)) - 1
+    if selection.order != "desc" or selection.first is not None:
+        return None
+    last = selection.last
+    quota = last.ordinal - last.offset + 1  # how many of this piece's ties are kept
+    if 0 <= last.count <= quota:
+        return last.prefix - 1
+    return last.prefix if quota <= 0 else None
+
+
 def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     """An integer mask (same width as the keys): all ones where kept, only the sign bit elsewhere.
 
@@ -244,12 +259,12 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     if selection.keeps == "window" and selection.order == "desc" and selection.first is None:
         last = selection.last
         quota = last.ordinal - last.offset + 1  # how many of this piece's ties are kept
-        every_tie = 0 <= last.count <= quota
-        # negative exactly where key > threshold (or >= it, when every tie here is kept)
-        mask = torch.sub(last.prefix - 1 if every_tie else last.prefix, keys)
+        threshold = keep_threshold(selection)
+        # negative exactly where key > threshold (the boundary key, or one below it)
+        mask = torch.sub(last.prefix if threshold is None else threshold, keys)
         mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
         mask |= sign_bit
-        if quota > 0 and not every_tie:
+        if threshold is None:
             mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
         return mask
     kept = kept_mask(keys, selection).to(keys.dtype)
