@@ -128,8 +128,30 @@ def test_kernel_refuses_a_bad_model_count(models):
         pytest.skip("extension not built")
     base = torch.zeros(4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="models"):
-        fused.merge(base, [base] * models, [0] * models, torch.ones(max(models, 1), dtype=torch.bfloat16),
+        fused.merge(base, [base] * models, [fused.KeepRule()] * models, torch.ones(max(models, 1), dtype=torch.bfloat16),
                     consensus=True, normalize=True, divisor=1.0, scale=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_first_nonfinite_finds_every_kind(dtype):
+    x = torch.randn(5000).to(dtype)
+    x[17] = torch.finfo(dtype).max  # large but finite
+    assert fused.first_nonfinite(x) is None
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for at in (0, 511, 512, 4999):
+            y = x.clone()
+            y[at] = bad
+            y[4999 if at != 4999 else 0] = bad
+            assert fused.first_nonfinite(y) == min(at, 4999 if at != 4999 else 0)
+
+
+def test_delta_key_count_equals_torch():
+    g = torch.Generator().manual_seed(5)
+    base = _hostile(g, (64, 33), "ties").to(torch.bfloat16)
+    model = (base.float() + _hostile(g, (64, 33), "ties")).to(torch.bfloat16)
+    keys = topk.magnitude_keys(model - base)
+    for key in keys.unique().tolist() + [0x7F80, 12345]:
+        assert fused.delta_key_count(base, model, key) == int((keys == key).sum())
 
 
 def test_kernel_refuses_mismatched_lengths():

@@ -26,7 +26,7 @@ from distmerge.io.reader import local_version, map_range
 from distmerge.io.remote import changed_error, read_remote_many
 from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
-from distmerge.methods import get_method
+from distmerge.methods import fused, get_method
 from distmerge.methods.base import MergeMethod, Phase, PieceInputs, reduce_statistics, run_in_memory
 from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
 
@@ -44,9 +44,15 @@ class WorkerStats:
     cpu_seconds: float = 0.0  # the task's CPU time (all its threads)
 
 
-def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
+def _has_nonfinite(tensor: torch.Tensor) -> bool:
+    if fused.scans_finite(tensor):
+        return fused.first_nonfinite(tensor) is not None
     # A sum is ~20x cheaper than isfinite() and is non-finite whenever a NaN/Inf is present.
-    if tensor.numel() and not torch.isfinite(tensor.sum()) and not bool(torch.isfinite(tensor).all()):
+    return bool(tensor.numel()) and not torch.isfinite(tensor.sum()) and not bool(torch.isfinite(tensor).all())
+
+
+def _check_finite(tensor: torch.Tensor, piece: Piece, path: str) -> None:
+    if _has_nonfinite(tensor):
         meta = piece.meta
         raise InputError(f"{path}: tensor {meta.tensor!r} holds NaN or Inf values (rows {meta.row_start}.."
                          f"{meta.row_end}); fix the input, or pass --allow-nonfinite to merge anyway")

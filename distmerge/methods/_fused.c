@@ -42,7 +42,7 @@ static inline uint16_t float_to_bf16(float f) {
 
 CLONES
 static void delta_histogram_kernel(const uint16_t *restrict base, const uint16_t *restrict model, Py_ssize_t n,
-                                   int64_t *restrict hist) {
+                                   uint32_t *restrict hist) {
     uint16_t keys[BLOCK];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int m = (n - start) < BLOCK ? (int)(n - start) : BLOCK;
@@ -55,11 +55,37 @@ static void delta_histogram_kernel(const uint16_t *restrict base, const uint16_t
     }
 }
 
+CLONES
+static int64_t delta_key_count_kernel(const uint16_t *restrict base, const uint16_t *restrict model, Py_ssize_t n,
+                                      uint16_t key) {
+    int64_t count = 0;
+    for (Py_ssize_t j = 0; j < n; j++)
+        count += (float_to_bf16(bf16_to_float(model[j]) - bf16_to_float(base[j])) & 0x7FFF) == key;
+    return count;
+}
+
+/* The index of the first 16-bit float whose exponent bits are all set (Inf or NaN), or n. */
+CLONES
+static Py_ssize_t first_nonfinite_kernel(const uint16_t *restrict x, Py_ssize_t n, uint16_t exponent) {
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        int m = (n - start) < BLOCK ? (int)(n - start) : BLOCK;
+        int any = 0;
+        for (int j = 0; j < m; j++)
+            any |= (x[start + j] & exponent) == exponent;
+        if (any)
+            for (int j = 0; j < m; j++)
+                if ((x[start + j] & exponent) == exponent)
+                    return start + j;
+    }
+    return n;
+}
+
 typedef struct {
     int n_models;
     const uint16_t *models[MAX_MODELS];
     const uint16_t *masks[MAX_MODELS]; /* keep bits, or NULL: keep where key > threshold */
     int32_t thresholds[MAX_MODELS];
+    int64_t tie_quotas[MAX_MODELS]; /* >= 0: keep only the first this many keys == threshold + 1 */
     uint16_t weights[MAX_MODELS];
     int consensus;
     int normalize;
@@ -74,6 +100,8 @@ static void merge_kernel(const MergeArgs *args, const uint16_t *restrict base, P
     uint16_t elected_negative[BLOCK];
     uint16_t weighted[MAX_MODELS][BLOCK];
     const int nm = args->n_models;
+    int64_t quotas[MAX_MODELS];
+    memcpy(quotas, args->tie_quotas, sizeof quotas);
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         int m = (n - start) < BLOCK ? (int)(n - start) : BLOCK;
         for (int j = 0; j < m; j++) {
@@ -96,11 +124,22 @@ static void merge_kernel(const MergeArgs *args, const uint16_t *restrict base, P
                 }
             } else {
                 const int32_t threshold = args->thresholds[i];
+                uint16_t d[BLOCK];
                 for (int j = 0; j < m; j++) {
-                    uint16_t d = float_to_bf16(bf16_to_float(x[j]) - b[j]);
-                    int32_t key = d & 0x7FFF;
-                    d = key > threshold ? d : (uint16_t)(d & 0x8000);
-                    uint16_t v = float_to_bf16(bf16_to_float(d) * w);
+                    uint16_t delta = float_to_bf16(bf16_to_float(x[j]) - b[j]);
+                    int32_t key = delta & 0x7FFF;
+                    d[j] = key > threshold ? delta : (uint16_t)(delta & 0x8000);
+                }
+                if (args->tie_quotas[i] >= 0) /* keys == threshold + 1 past the quota are dropped, in flat order */
+                    for (int j = 0; j < m; j++)
+                        if ((d[j] & 0x7FFF) == threshold + 1) {
+                            if (quotas[i] > 0)
+                                quotas[i]--;
+                            else
+                                d[j] &= 0x8000;
+                        }
+                for (int j = 0; j < m; j++) {
+                    uint16_t v = float_to_bf16(bf16_to_float(d[j]) * w);
                     w_out[j] = v;
                     vote[j] += bf16_to_float(v);
                 }
@@ -183,11 +222,16 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOO", &base_obj, &model_obj, &hist_obj))
         return NULL;
     Buffers held = {.count = 0};
-    Py_ssize_t n = -1, bins = 4 * BINS; /* int64 bins, counted as 16-bit values */
+    Py_ssize_t n = -1, bins = 2 * BINS; /* uint32 bins, counted as 16-bit values */
     const uint16_t *base = hold(&held, base_obj, 0, &n, "base");
     const uint16_t *model = base ? hold(&held, model_obj, 0, &n, "model") : NULL;
-    int64_t *hist = model ? (int64_t *)hold(&held, hist_obj, 1, &bins, "histogram (65536 int64)") : NULL;
+    uint32_t *hist = model ? (uint32_t *)hold(&held, hist_obj, 1, &bins, "histogram (65536 uint32)") : NULL;
     if (hist == NULL) {
+        release_all(&held);
+        return NULL;
+    }
+    if (n > (Py_ssize_t)UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "over 2^32 elements: histogram in smaller pieces");
         release_all(&held);
         return NULL;
     }
@@ -198,12 +242,53 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_delta_key_count(PyObject *self, PyObject *args) {
+    PyObject *base_obj, *model_obj;
+    int key;
+    if (!PyArg_ParseTuple(args, "OOi", &base_obj, &model_obj, &key))
+        return NULL;
+    Buffers held = {.count = 0};
+    Py_ssize_t n = -1;
+    const uint16_t *base = hold(&held, base_obj, 0, &n, "base");
+    const uint16_t *model = base ? hold(&held, model_obj, 0, &n, "model") : NULL;
+    if (model == NULL) {
+        release_all(&held);
+        return NULL;
+    }
+    int64_t count;
+    Py_BEGIN_ALLOW_THREADS
+    count = delta_key_count_kernel(base, model, n, (uint16_t)key);
+    Py_END_ALLOW_THREADS
+    release_all(&held);
+    return PyLong_FromLongLong(count);
+}
+
+static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
+    PyObject *obj;
+    int exponent;
+    if (!PyArg_ParseTuple(args, "Oi", &obj, &exponent))
+        return NULL;
+    Buffers held = {.count = 0};
+    Py_ssize_t n = -1;
+    const uint16_t *x = hold(&held, obj, 0, &n, "values");
+    if (x == NULL) {
+        release_all(&held);
+        return NULL;
+    }
+    Py_ssize_t found;
+    Py_BEGIN_ALLOW_THREADS
+    found = first_nonfinite_kernel(x, n, (uint16_t)exponent);
+    Py_END_ALLOW_THREADS
+    release_all(&held);
+    return PyLong_FromSsize_t(found);
+}
+
 static PyObject *py_merge(PyObject *self, PyObject *args) {
-    PyObject *base_obj, *models_obj, *thresholds_obj, *masks_obj, *weights_obj, *out_obj, *scale_obj;
+    PyObject *base_obj, *models_obj, *thresholds_obj, *quotas_obj, *masks_obj, *weights_obj, *out_obj, *scale_obj;
     int consensus, normalize;
     double divisor;
-    if (!PyArg_ParseTuple(args, "OOOOOOppdO", &base_obj, &models_obj, &thresholds_obj, &masks_obj, &weights_obj,
-                          &out_obj, &consensus, &normalize, &divisor, &scale_obj))
+    if (!PyArg_ParseTuple(args, "OOOOOOOppdO", &base_obj, &models_obj, &thresholds_obj, &quotas_obj, &masks_obj,
+                          &weights_obj, &out_obj, &consensus, &normalize, &divisor, &scale_obj))
         return NULL;
     MergeArgs merge = {.consensus = consensus, .normalize = normalize, .divisor = (float)divisor};
     if (scale_obj != Py_None) {
@@ -213,19 +298,22 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
             return NULL;
     }
     Buffers held = {.count = 0};
-    PyObject *models = NULL, *thresholds = NULL, *masks = NULL;
+    PyObject *models = NULL, *thresholds = NULL, *quotas = NULL, *masks = NULL;
     Py_ssize_t n = -1, nm = 0;
     const uint16_t *base = hold(&held, base_obj, 0, &n, "base");
     if (base == NULL)
         goto fail;
     models = PySequence_Fast(models_obj, "models must be a sequence");
     thresholds = models ? PySequence_Fast(thresholds_obj, "thresholds must be a sequence") : NULL;
-    masks = thresholds ? PySequence_Fast(masks_obj, "masks must be a sequence") : NULL;
+    quotas = thresholds ? PySequence_Fast(quotas_obj, "tie quotas must be a sequence") : NULL;
+    masks = quotas ? PySequence_Fast(masks_obj, "masks must be a sequence") : NULL;
     if (masks == NULL)
         goto fail;
     nm = PySequence_Fast_GET_SIZE(models);
-    if (nm < 1 || nm > MAX_MODELS || PySequence_Fast_GET_SIZE(thresholds) != nm || PySequence_Fast_GET_SIZE(masks) != nm) {
-        PyErr_Format(PyExc_ValueError, "1 to %d models, each with a threshold and a mask (or None)", MAX_MODELS);
+    if (nm < 1 || nm > MAX_MODELS || PySequence_Fast_GET_SIZE(thresholds) != nm || PySequence_Fast_GET_SIZE(quotas) != nm ||
+        PySequence_Fast_GET_SIZE(masks) != nm) {
+        PyErr_Format(PyExc_ValueError, "1 to %d models, each with a threshold, a tie quota and a mask (or None)",
+                     MAX_MODELS);
         goto fail;
     }
     merge.n_models = (int)nm;
@@ -239,6 +327,9 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         if (PyErr_Occurred())
             goto fail;
         merge.thresholds[i] = (int32_t)(threshold < -1 ? -1 : threshold > 0x7FFF ? 0x7FFF : threshold);
+        merge.tie_quotas[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(quotas, i));
+        if (PyErr_Occurred())
+            goto fail;
     }
     Py_ssize_t n_weights = nm;
     const uint16_t *weights = hold(&held, weights_obj, 0, &n_weights, "weights");
@@ -251,12 +342,14 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     Py_DECREF(models);
     Py_DECREF(thresholds);
+    Py_DECREF(quotas);
     Py_DECREF(masks);
     release_all(&held);
     Py_RETURN_NONE;
 fail:
     Py_XDECREF(models);
     Py_XDECREF(thresholds);
+    Py_XDECREF(quotas);
     Py_XDECREF(masks);
     release_all(&held);
     return NULL;
@@ -265,8 +358,13 @@ fail:
 static PyMethodDef methods[] = {
     {"delta_histogram", py_delta_histogram, METH_VARARGS,
      "delta_histogram(base, model, hist): add the magnitude-key histogram of bf16(model - base) to hist."},
+    {"delta_key_count", py_delta_key_count, METH_VARARGS,
+     "delta_key_count(base, model, key): how many magnitude keys of bf16(model - base) equal key."},
+    {"first_nonfinite", py_first_nonfinite, METH_VARARGS,
+     "first_nonfinite(values, exponent_mask): index of the first 16-bit Inf/NaN, or len(values)."},
     {"merge", py_merge, METH_VARARGS,
-     "merge(base, models, thresholds, masks, weights, out, consensus, normalize, divisor, scale): see fused.py."},
+     "merge(base, models, thresholds, tie_quotas, masks, weights, out, consensus, normalize, divisor, scale): "
+     "see fused.py."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,13 +29,21 @@ except ImportError:  # built without a C compiler
 
 MAX_MODELS = _fused.MAX_MODELS if _fused is not None else 0
 KEEP_ALL = -1  # a threshold below every key
-KEEP_NONE = 0x7FFF  # a threshold no key exceeds
 
 _enabled = _fused is not None and os.environ.get("DISTMERGE_FUSED", "1") != "0"
 
-# A model's keep rule: entries whose magnitude key exceeds this threshold are kept, or an
-# int16 keep-bits tensor (all ones kept, only the sign bit dropped: see signs.keep_bits_of).
-Keep = Union[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """Which entries of one model's task vector a piece keeps: those whose magnitude key
+    exceeds `threshold`, and when `tie_quota` >= 0 only the first `tie_quota` (in flat
+    order) of those whose key is threshold + 1; or, given `bits`, where an int16
+    keep-bits tensor says so (all ones kept, only the sign bit dropped)."""
+
+    threshold: int = KEEP_ALL
+    tie_quota: int = -1
+    bits: Optional[torch.Tensor] = None
 
 
 def built() -> bool:
@@ -62,19 +71,49 @@ def _buffer(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.int16).numpy()
 
 
+HISTOGRAM_SPAN = 1 << 31  # elements per kernel call (its counts are uint32)
+
+
 def delta_histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
     """The 65,536-bin histogram of the magnitude keys (`topk.magnitude_keys`) of the
-    bfloat16 task vector `model - base`: `topk.digit_histogram` of those keys, one pass."""
-    hist = np.zeros(1 << 16, dtype=np.int64)
-    _fused.delta_histogram(_buffer(base), _buffer(model), hist)
-    return hist
+    bfloat16 task vector `model - base`: `topk.digit_histogram` of those keys, one pass
+    (uint32 counts, int64 for a piece of 2^32 elements or more)."""
+    flat_base, flat_model = base.reshape(-1), model.reshape(-1)
+    total = None
+    for start in range(0, max(1, flat_base.numel()), HISTOGRAM_SPAN):
+        hist = np.zeros(1 << 16, dtype=np.uint32)
+        end = start + HISTOGRAM_SPAN
+        _fused.delta_histogram(_buffer(flat_base[start:end]), _buffer(flat_model[start:end]), hist)
+        total = hist if total is None else total.astype(np.int64) + hist
+    return total
 
 
-def merge(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Keep], weights: torch.Tensor, *,
+def delta_key_count(base: torch.Tensor, model: torch.Tensor, key: int) -> int:
+    """How many magnitude keys of the bfloat16 task vector `model - base` equal `key`."""
+    return _fused.delta_key_count(_buffer(base), _buffer(model), key)
+
+
+_EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def first_nonfinite(values: torch.Tensor) -> Optional[int]:
+    """The flat index of the first Inf or NaN in a tensor `scans_finite` accepts (a
+    contiguous 16-bit float tensor), None if there is none: an integer scan of the
+    exponent bits, several times cheaper than torch's isfinite or a sum."""
+    index = _fused.first_nonfinite(_buffer(values), _EXPONENT_BITS[values.dtype])
+    return None if index == values.numel() else index
+
+
+def scans_finite(values: torch.Tensor) -> bool:
+    """Whether `first_nonfinite` can scan this tensor."""
+    return built() and values.dtype in _EXPONENT_BITS and values.is_contiguous()
+
+
+def merge(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[KeepRule], weights: torch.Tensor, *,
           consensus: bool, normalize: bool, divisor: float, scale: Optional[float]) -> torch.Tensor:
     """`TaskVectorMerge.apply`'s torch path without rescale, in one pass (bfloat16):
 
-        d_i = kept(m_i - base)       keeps[i]: a key threshold or keep bits
+        d_i = kept(m_i - base)       keeps[i]: which entries model i keeps
         W_i = d_i * weights[i]
         consensus: elected = sign(sum W_i); mixed = sum of agreeing W_i;
                    div = sum of agreeing weights (0 -> 1)
@@ -82,9 +121,9 @@ def merge(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Ke
         normalize: mixed /= div;  scale: mixed *= scale (as a float32 scalar)
         out = base + mixed
     """
-    thresholds = [k if isinstance(k, int) else KEEP_ALL for k in keeps]
-    masks = [None if isinstance(k, int) else _buffer(k.contiguous()) for k in keeps]
+    masks = [None if k.bits is None else _buffer(k.bits.contiguous()) for k in keeps]
     out = torch.empty_like(base)
-    _fused.merge(_buffer(base), [_buffer(m) for m in models], thresholds, masks, _buffer(weights), _buffer(out),
+    _fused.merge(_buffer(base), [_buffer(m) for m in models], [k.threshold for k in keeps],
+                 [k.tie_quota if k.bits is None else -1 for k in keeps], masks, _buffer(weights), _buffer(out),
                  consensus, normalize, float(divisor), scale)
     return out

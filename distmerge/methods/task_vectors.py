@@ -199,8 +199,14 @@ class TaskVectorMerge(MergeMethod):
                 columns.append([None] * len(parts))
                 continue
             columns.append(topk.split_boundaries(
-                selection, lambda j, i=i, s=selection: self._keys(parts[j], s, i), len(parts)))
+                selection, lambda j, key, i=i, s=selection: self._key_count(parts[j], s, i, key), len(parts)))
         return [PieceCarry(tuple(column[j] for column in columns), carry.l1) for j in range(len(parts))]
+
+    def _key_count(self, inputs: PieceInputs, selection: topk.Selection, index: int, key: int) -> int:
+        model = inputs.models[index]
+        if selection.bits == 16 and fused.usable(inputs.base, model):
+            return fused.delta_key_count(inputs.base, model, key)
+        return int((self._keys(inputs, selection, index) == key).sum())
 
     def _work_dtype_of(self, dtype: torch.dtype) -> torch.dtype:
         return self.sparsifier.work_dtype(dtype) if self.sparsifier else dtype
@@ -248,19 +254,18 @@ class TaskVectorMerge(MergeMethod):
                 kept = kept * (before / after)
         out.copy_(kept)
 
-    def _fused_keep(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int) -> fused.Keep:
+    def _fused_keep(self, inputs: PieceInputs, carry: Optional[PieceCarry], index: int) -> fused.KeepRule:
         """Model `index`'s keep rule for the fused kernel: a key threshold where the
-        selection is one (nearly always), else keep bits."""
+        selection is a top-k (nearly always), else keep bits."""
         selection = carry.selections[index] if carry is not None and self.sparsifier is not None else None
         if selection is not None and selection.bits == 16:
-            threshold = topk.keep_threshold(selection)
-            if threshold is not None:
-                return threshold
+            rule = topk.keep_threshold(selection)
+            if rule is not None:
+                return fused.KeepRule(*rule)
         if self.sparsifier is None or (self.sparsifier.ranked and selection is None):
-            return fused.KEEP_ALL
-        delta = self._deltas(inputs)[index]
-        keep = self._keep_bits(inputs, carry, index, delta)
-        return fused.KEEP_ALL if keep is None else keep
+            return fused.KeepRule()
+        keep = self._keep_bits(inputs, carry, index, self._deltas(inputs)[index])
+        return fused.KeepRule(bits=keep)
 
     def _apply_fused(self, inputs: PieceInputs, carry: Optional[PieceCarry]) -> Optional[torch.Tensor]:
         """`apply` by the fused kernel, or None where it does not cover the options (rescale,

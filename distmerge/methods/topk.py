@@ -161,7 +161,9 @@ def reduce_pass(pass_index: int, selections: Sequence[Selection],
     per_piece: List[Dict[str, Boundary]] = [{} for _ in selections]
     for name, boundary in first.boundaries().items():
         hists = [p[name] for p in partials]
-        total = np.sum(np.stack(hists), axis=0)
+        total = hists[0].astype(np.int64)
+        for hist in hists[1:]:
+            total += hist
         digit, within = choose_digit(total, boundary.remaining)
         prefix = (boundary.prefix << DIGIT_BITS) | digit
         if not last_pass:
@@ -190,11 +192,12 @@ def reduce_pass_each(pass_index: int, selections: Sequence[Sequence[Optional[Sel
     return [tuple(column[piece] for column in columns) for piece in range(len(selections))]
 
 
-def split_boundaries(selection: Selection, part_keys: Callable[[int], torch.Tensor], parts: int) -> List[Selection]:
+def split_boundaries(selection: Selection, part_ties: Callable[[int, int], int], parts: int) -> List[Selection]:
     """The selection of each of `parts` consecutive row ranges of one piece, given the
-    piece's final `selection` and each part's keys (`part_keys(j)`, asked for only when
-    needed). A boundary whose ties this piece keeps all or none of holds for every part as
-    it is; the piece holding the boundary counts its ties part by part."""
+    piece's final `selection` and how many of each part's keys equal a key
+    (`part_ties(j, key)`, asked for only when needed). A boundary whose ties this piece
+    keeps all or none of holds for every part as it is; the piece holding the boundary
+    counts its ties part by part."""
     if selection.keeps != "window":
         return [selection] * parts
     per_part: List[Dict[str, Boundary]] = [{} for _ in range(parts)]
@@ -204,7 +207,7 @@ def split_boundaries(selection: Selection, part_keys: Callable[[int], torch.Tens
         if b.count < 0 or 0 < kept < b.count:
             before = b.offset
             for j in range(parts):
-                here = int((part_keys(j) == b.prefix).sum())
+                here = part_ties(j, b.prefix)
                 per_part[j][name] = replace(b, offset=before, count=here)
                 before += here
         else:
@@ -234,19 +237,23 @@ def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     return mask
 
 
-def keep_threshold(selection: Selection) -> Optional[int]:
-    """The key above which this piece keeps entries, for a top-k whose ties this piece
-    keeps all or none of (nearly every piece); None for any other selection. A selection
-    that keeps all (none) gives -1 (the largest key of its width)."""
+def keep_threshold(selection: Selection) -> Optional[Tuple[int, int]]:
+    """A top-k selection as (threshold, tie quota): this piece keeps the keys above the
+    threshold, and when the quota is >= 0 only the first `quota` (in flat order) of those
+    equal to threshold + 1, the boundary key; -1: all of them. A selection that keeps
+    all (none) gives (-1, -1) (the largest key of its width, -1). None for any other
+    selection (windows from below, breadcrumbs)."""
     if selection.keeps != "window":
-        return -1 if selection.keeps == "all" else (1 << (selection.bits - 1)) - 1
+        return (-1 if selection.keeps == "all" else (1 << (selection.bits - 1)) - 1), -1
     if selection.order != "desc" or selection.first is not None:
         return None
     last = selection.last
     quota = last.ordinal - last.offset + 1  # how many of this piece's ties are kept
     if 0 <= last.count <= quota:
-        return last.prefix - 1
-    return last.prefix if quota <= 0 else None
+        return last.prefix - 1, -1
+    if quota <= 0:
+        return last.prefix, -1
+    return last.prefix - 1, quota
 
 
 def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
@@ -256,16 +263,14 @@ def keep_bits(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
     entry becomes a zero with the delta's sign), at the cost of integer ops.
     """
     sign_bit = torch.iinfo(keys.dtype).min
-    if selection.keeps == "window" and selection.order == "desc" and selection.first is None:
-        last = selection.last
-        quota = last.ordinal - last.offset + 1  # how many of this piece's ties are kept
-        threshold = keep_threshold(selection)
-        # negative exactly where key > threshold (the boundary key, or one below it)
-        mask = torch.sub(last.prefix if threshold is None else threshold, keys)
+    rule = keep_threshold(selection) if selection.keeps == "window" else None
+    if rule is not None:
+        threshold, quota = rule
+        mask = torch.sub(threshold, keys)  # negative exactly where key > threshold
         mask >>= keys.element_size() * 8 - 1  # -1 where kept, 0 elsewhere
         mask |= sign_bit
-        if threshold is None:
-            mask.reshape(-1)[_tie_positions(keys, last.prefix)[:quota]] = -1
+        if quota >= 0:
+            mask.reshape(-1)[_tie_positions(keys, threshold + 1)[quota:]] = sign_bit
         return mask
     kept = kept_mask(keys, selection).to(keys.dtype)
     kept.neg_()  # -1 where kept, 0 elsewhere
