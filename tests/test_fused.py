@@ -128,7 +128,8 @@ def test_kernel_refuses_a_bad_model_count(models):
         pytest.skip("extension not built")
     base = torch.zeros(4, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="models"):
-        fused.merge(base, [base] * models, [fused.KeepRule()] * models, torch.ones(max(models, 1), dtype=torch.bfloat16),
+        weights = torch.ones(max(models, 1), dtype=torch.bfloat16)
+        fused.merge(base, [base] * models, [fused.KeepRule()] * models, weights,
                     consensus=True, normalize=True, divisor=1.0, scale=None)
 
 
