@@ -19,7 +19,8 @@ byte once from the warm cache plus writing the output bytes once and fsyncing th
 (distmerge fsyncs its shards; mergekit does not). distmerge's phases (its summary's
 timeline) are set against their own floors: start-up against a bare local Ray started as
 distmerge starts it and its first task importing torch; merging against one histogram
-pass over every task vector (single-threaded CPU time, shared by the workers) plus the
+pass over every task vector (its fused kernel where built; single-threaded CPU time,
+shared by the workers) plus the
 I/O floor.
 
 Generated models are kept under --work and reused by later runs with the same scale.
@@ -49,6 +50,7 @@ from common import (  # noqa: E402 - bench/ is not a package; the scripts run fr
     Comparison, Result, compare_outputs, console_script, drop_page_cache, format_bytes, input_files,
     make_or_reuse_models, read_files, run_measured, write_bytes,
 )
+from distmerge.methods import fused  # noqa: E402
 from distmerge.synthetic import LlamaShape, ties_config  # noqa: E402
 
 SHAPES = {
@@ -164,9 +166,14 @@ def ray_start_floor(num_workers: int) -> Dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def histogram_kernel() -> str:
+    return "fused C kernel" if fused.built() else "torch keys + np.bincount"
+
+
 def histogram_floor(paths: List[str]) -> float:
     """CPU seconds (one thread) of one histogram pass over every task vector: each
-    model's |delta| keys binned once, the least work an exact top-k can do."""
+    model's |delta| keys binned once, the least work an exact top-k can do (by the
+    fastest histogram distmerge has: its fused kernel where built)."""
     import numpy as np
     from safetensors import safe_open
 
@@ -181,8 +188,11 @@ def histogram_floor(paths: List[str]) -> float:
             for model in files[1:]:
                 tensor = model.get_tensor(name)
                 started = time.process_time()
-                keys = (tensor - base).view(torch.int16) & 0x7FFF
-                np.bincount(keys.reshape(-1).numpy().view(np.uint16), minlength=1 << 16)
+                if fused.built():
+                    fused.delta_histogram(base, tensor)
+                else:
+                    keys = (tensor - base).view(torch.int16) & 0x7FFF
+                    np.bincount(keys.reshape(-1).numpy().view(np.uint16), minlength=1 << 16)
                 seconds += time.process_time() - started
     return seconds
 
@@ -277,7 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"Ray start {ray_floor['ray_ready_s']:.1f} s, its first torch task at {ray_floor['first_task_s']:.1f} s "
               f"= {_ratio(t['first_unit'], ray_floor['first_task_s'])}\n"
               f"  merging (statistics inside the tasks, then apply) {t['statistics'] + t['apply']:.1f} s, workers' CPU "
-              f"{t['worker_cpu']:.1f} s; floor: one histogram pass {phases['histogram_cpu_s']:.1f} s CPU "
+              f"{t['worker_cpu']:.1f} s; floor: one histogram pass ({histogram_kernel()}) "
+              f"{phases['histogram_cpu_s']:.1f} s CPU "
               f"({hist_wall:.1f} s on {phases['workers']} workers) + the I/O floor = {work_floor:.1f} s "
               f"= {_ratio(t['statistics'] + t['apply'], work_floor)}\n"
               f"  commit (checksums, fsync, renames, index) {t['commit']:.1f} s")
