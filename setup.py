@@ -11,6 +11,7 @@ setup(
         Extension(
             "distmerge.methods._fused",
             ["distmerge/methods/_fused.c"],
+            depends=["distmerge/methods/_fused_kernels.h"],
             extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
             optional=True,
         )

@@ -1,10 +1,12 @@
-"""The fused bfloat16 kernels (distmerge/methods/_fused.c) against the torch path they
+"""The fused 16-bit kernels (distmerge/methods/_fused.c) against the torch path they
 replace: the same bits for every task-vector method and option they cover, on data made
 to hit every rounding and sign edge (exact ties at the top-k threshold, zeros of both
 signs, cancelling deltas, deltas that overflow to infinity, negative and tiny weights),
 whole and cut into row ranges applied in parts."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -23,15 +25,22 @@ def test_the_extension_is_built():
     """CI has a C compiler: the fast path must be there, or every merge silently runs slow."""
     assert fused.built(), "distmerge.methods._fused did not build: reinstall with a C compiler (pip install -e .)"
     assert fused.MAX_MODELS == signs.SEQUENTIAL_SUM_MAX
+    assert fused.usable(torch.zeros(1, dtype=torch.float16)), "float16 kernels not built (no _Float16)"
 
 
-def _hostile(g: torch.Generator, shape, kind: str) -> torch.Tensor:
+HALVES = [torch.bfloat16, torch.float16]
+
+
+def _hostile(g: torch.Generator, shape, kind: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Float32 values for `dtype` inputs (finite once rounded to it)."""
+    info = torch.finfo(dtype)
     if kind == "ties":  # a handful of values: heavy exact ties at any threshold
-        values = torch.tensor([-0.5, -0.25, -0.0, 0.0, 0.25, 0.5, 1e-39])
+        values = torch.tensor([-0.5, -0.25, -0.0, 0.0, 0.25, 0.5, info.smallest_normal / 4])
         return values[torch.randint(0, len(values), shape, generator=g)]
-    if kind == "wide":  # magnitudes from subnormal to near the bf16 maximum
-        exponent = torch.randint(-130, 127, shape, generator=g).float()
-        return torch.randn(shape, generator=g) * torch.exp2(exponent)
+    if kind == "wide":  # magnitudes from subnormal to near the maximum
+        low, high = int(math.log2(info.smallest_normal)) - 4, int(math.log2(info.max)) - 1
+        exponent = torch.randint(low, high, shape, generator=g).float()
+        return (torch.randn(shape, generator=g) * torch.exp2(exponent)).clamp(-info.max, info.max)
     return 0.02 * torch.randn(shape, generator=g)
 
 
@@ -41,12 +50,13 @@ def fused_case(draw):
     cols = draw(st.integers(1, 700))  # over one kernel block (512) for some rows
     n = draw(st.integers(1, fused.MAX_MODELS))
     kind = draw(st.sampled_from(["gauss", "ties", "wide"]))
+    dtype = draw(st.sampled_from(HALVES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    base = _hostile(g, (rows, cols), kind).to(torch.bfloat16)
+    base = _hostile(g, (rows, cols), kind, dtype).to(dtype)
     models = []
     for _ in range(n):
-        change = _hostile(g, (rows, cols), draw(st.sampled_from(["gauss", "ties", kind])))
-        model = (base.float() + change).to(torch.bfloat16)
+        change = _hostile(g, (rows, cols), draw(st.sampled_from(["gauss", "ties", kind])), dtype)
+        model = (base.float() + change).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
         same = torch.rand(rows, cols, generator=g) < 0.1  # zero deltas
         models.append(torch.where(same, base, model))
     # Zero weights only where no delta overflows (inf * 0 is a NaN whose bits torch's own
@@ -83,19 +93,21 @@ def test_fused_equals_torch(case, method, seed):
             f"fused {fast[i].item()}, torch {slow[i].item()}")
 
 
-def test_histogram_equals_torch_keys():
+@pytest.mark.parametrize("dtype", HALVES)
+def test_histogram_equals_torch_keys(dtype):
     g = torch.Generator().manual_seed(3)
-    base = _hostile(g, (300, 257), "wide").to(torch.bfloat16)
-    model = (base.float() + _hostile(g, (300, 257), "ties")).to(torch.bfloat16)
+    base = _hostile(g, (300, 257), "wide", dtype).to(dtype)
+    model = (base.float() + _hostile(g, (300, 257), "ties", dtype)).to(dtype)
     expected = topk.digit_histogram(topk.magnitude_keys(model - base), 16, 0, 0)
     assert np.array_equal(fused.delta_histogram(base, model), expected)
 
 
-def test_fused_path_runs_for_a_ties_piece():
-    """Guard against silently falling back: a plain bf16 TIES piece takes the kernel."""
+@pytest.mark.parametrize("dtype", HALVES)
+def test_fused_path_runs_for_a_ties_piece(dtype):
+    """Guard against silently falling back: a plain 16-bit TIES piece takes the kernel."""
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(8, 8, generator=g).to(torch.bfloat16)
-    models = [(base.float() + 0.1 * torch.randn(8, 8, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    base = torch.randn(8, 8, generator=g).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(8, 8, generator=g)).to(dtype) for _ in range(3)]
     params = _params("ties", [0.5, 0.3, 0.2], [0.5] * 3, normalize=True)
     from test_methods_split import _pieces
     piece = _pieces("t", base, models, params, ())[0]
@@ -146,10 +158,11 @@ def test_first_nonfinite_finds_every_kind(dtype):
             assert fused.first_nonfinite(y) == min(at, 4999 if at != 4999 else 0)
 
 
-def test_delta_key_count_equals_torch():
+@pytest.mark.parametrize("dtype", HALVES)
+def test_delta_key_count_equals_torch(dtype):
     g = torch.Generator().manual_seed(5)
-    base = _hostile(g, (64, 33), "ties").to(torch.bfloat16)
-    model = (base.float() + _hostile(g, (64, 33), "ties")).to(torch.bfloat16)
+    base = _hostile(g, (64, 33), "ties", dtype).to(dtype)
+    model = (base.float() + _hostile(g, (64, 33), "ties", dtype)).to(dtype)
     keys = topk.magnitude_keys(model - base)
     for key in keys.unique().tolist() + [0x7F80, 12345]:
         assert fused.delta_key_count(base, model, key) == int((keys == key).sum())

@@ -1,7 +1,8 @@
-/* Fused bfloat16 kernels for the task-vector methods (see fused.py for the contract).
+/* Fused 16-bit float kernels (bfloat16, float16) for the task-vector methods (see
+fused.py for the contract; the kernels themselves are in _fused_kernels.h).
 
 Each kernel does in one pass over memory what the torch path does in a dozen, and rounds
-exactly where the torch path rounds: every bfloat16 op is computed in float32 and
+exactly where the torch path rounds: every 16-bit op is computed in float32 and
 rounded to nearest even, and model sums accumulate in float32 from +0, in model order,
 and are rounded once. The results are the torch path's bit for bit.
 
@@ -40,29 +41,25 @@ static inline uint16_t float_to_bf16(float f) {
     return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)rounded;
 }
 
-CLONES
-static void delta_histogram_kernel(const uint16_t *restrict base, const uint16_t *restrict model, Py_ssize_t n,
-                                   uint32_t *restrict hist) {
-    uint16_t keys[BLOCK];
-    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
-        int m = (n - start) < BLOCK ? (int)(n - start) : BLOCK;
-        const uint16_t *restrict b = base + start;
-        const uint16_t *restrict x = model + start;
-        for (int j = 0; j < m; j++)
-            keys[j] = float_to_bf16(bf16_to_float(x[j]) - bf16_to_float(b[j])) & 0x7FFF;
-        for (int j = 0; j < m; j++)
-            hist[keys[j]]++;
-    }
+#if defined(__FLT16_MAX__)
+#define HAVE_FLOAT16 1
+/* float16 through the compiler's _Float16: F16C instructions where the clone has them,
+   else libgcc's exact conversions; rounding to nearest even, as torch's. */
+static inline float f16_to_float(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
 }
 
-CLONES
-static int64_t delta_key_count_kernel(const uint16_t *restrict base, const uint16_t *restrict model, Py_ssize_t n,
-                                      uint16_t key) {
-    int64_t count = 0;
-    for (Py_ssize_t j = 0; j < n; j++)
-        count += (float_to_bf16(bf16_to_float(model[j]) - bf16_to_float(base[j])) & 0x7FFF) == key;
-    return count;
+static inline uint16_t float_to_f16(float f) {
+    _Float16 v = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &v, sizeof h);
+    return h;
 }
+#else
+#define HAVE_FLOAT16 0
+#endif
 
 /* The index of the first 16-bit float whose exponent bits are all set (Inf or NaN), or n. */
 CLONES
@@ -94,103 +91,43 @@ typedef struct {
     float scale;
 } MergeArgs;
 
-CLONES
-static void merge_kernel(const MergeArgs *args, const uint16_t *restrict base, Py_ssize_t n, uint16_t *restrict out) {
-    float b[BLOCK], vote[BLOCK], mixed[BLOCK], divisor[BLOCK];
-    uint16_t elected_negative[BLOCK];
-    uint16_t weighted[MAX_MODELS][BLOCK];
-    const int nm = args->n_models;
-    int64_t quotas[MAX_MODELS];
-    memcpy(quotas, args->tie_quotas, sizeof quotas);
-    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
-        int m = (n - start) < BLOCK ? (int)(n - start) : BLOCK;
-        for (int j = 0; j < m; j++) {
-            b[j] = bf16_to_float(base[start + j]);
-            vote[j] = 0.0f;
-            mixed[j] = 0.0f;
-            divisor[j] = 0.0f;
-        }
-        for (int i = 0; i < nm; i++) {
-            const uint16_t *restrict x = args->models[i] + start;
-            uint16_t *restrict w_out = weighted[i];
-            const float w = bf16_to_float(args->weights[i]);
-            if (args->masks[i] != NULL) {
-                const uint16_t *restrict keep = args->masks[i] + start;
-                for (int j = 0; j < m; j++) {
-                    uint16_t d = float_to_bf16(bf16_to_float(x[j]) - b[j]) & keep[j];
-                    uint16_t v = float_to_bf16(bf16_to_float(d) * w);
-                    w_out[j] = v;
-                    vote[j] += bf16_to_float(v);
-                }
-            } else {
-                const int32_t threshold = args->thresholds[i];
-                uint16_t d[BLOCK];
-                for (int j = 0; j < m; j++) {
-                    uint16_t delta = float_to_bf16(bf16_to_float(x[j]) - b[j]);
-                    int32_t key = delta & 0x7FFF;
-                    d[j] = key > threshold ? delta : (uint16_t)(delta & 0x8000);
-                }
-                if (args->tie_quotas[i] >= 0) /* keys == threshold + 1 past the quota are dropped, in flat order */
-                    for (int j = 0; j < m; j++)
-                        if ((d[j] & 0x7FFF) == threshold + 1) {
-                            if (quotas[i] > 0)
-                                quotas[i]--;
-                            else
-                                d[j] &= 0x8000;
-                        }
-                for (int j = 0; j < m; j++) {
-                    uint16_t v = float_to_bf16(bf16_to_float(d[j]) * w);
-                    w_out[j] = v;
-                    vote[j] += bf16_to_float(v);
-                }
-            }
-        }
-        if (args->consensus) {
-            for (int j = 0; j < m; j++) {
-                /* the elected sign is + where the rounded vote >= 0 (a NaN vote elects -) */
-                uint32_t v = float_to_bf16(vote[j]);
-                uint32_t magnitude = v & 0x7FFF;
-                uint32_t negative = ((v >> 15) & (magnitude != 0)) | (magnitude > 0x7F80);
-                elected_negative[j] = (uint16_t)(negative << 15);
-            }
-            for (int i = 0; i < nm; i++) {
-                const uint16_t *restrict v = weighted[i];
-                const uint16_t w = args->weights[i];
-                for (int j = 0; j < m; j++) {
-                    uint16_t agree = (uint16_t)-(uint16_t)(((v[j] & 0x7FFF) != 0) & ((v[j] & 0x8000) == elected_negative[j]));
-                    uint16_t keep = agree | 0x8000; /* a dropped value keeps its sign: x * 0 */
-                    mixed[j] += bf16_to_float(v[j] & keep);
-                    divisor[j] += bf16_to_float(w & keep);
-                }
-            }
-            for (int j = 0; j < m; j++) {
-                uint16_t d = float_to_bf16(divisor[j]);
-                uint16_t zero = (uint16_t)-(uint16_t)((d & 0x7FFF) == 0);
-                d ^= (d ^ 0x3F80) & zero; /* a zero divisor becomes 1 */
-                divisor[j] = bf16_to_float(d);
-            }
-        } else {
-            for (int j = 0; j < m; j++) {
-                mixed[j] = vote[j];
-                divisor[j] = args->divisor;
-            }
-        }
-        for (int j = 0; j < m; j++)
-            mixed[j] = bf16_to_float(float_to_bf16(mixed[j]));
-        if (args->normalize)
-            for (int j = 0; j < m; j++)
-                mixed[j] = bf16_to_float(float_to_bf16(mixed[j] / divisor[j]));
-        if (args->scaled) {
-            const float scale = args->scale;
-            for (int j = 0; j < m; j++)
-                mixed[j] = bf16_to_float(float_to_bf16(mixed[j] * scale));
-        }
-        for (int j = 0; j < m; j++)
-            out[start + j] = float_to_bf16(b[j] + mixed[j]);
-    }
-}
+#define KERNEL(name) name##_bf16
+#define TO_FLOAT bf16_to_float
+#define FROM_FLOAT float_to_bf16
+#define INF_BITS 0x7F80
+#define ONE_BITS 0x3F80
+#include "_fused_kernels.h"
+#undef KERNEL
+#undef TO_FLOAT
+#undef FROM_FLOAT
+#undef INF_BITS
+#undef ONE_BITS
+
+#if HAVE_FLOAT16
+#define KERNEL(name) name##_f16
+#define TO_FLOAT f16_to_float
+#define FROM_FLOAT float_to_f16
+#define INF_BITS 0x7C00
+#define ONE_BITS 0x3C00
+#include "_fused_kernels.h"
+#undef KERNEL
+#undef TO_FLOAT
+#undef FROM_FLOAT
+#undef INF_BITS
+#undef ONE_BITS
+#endif
 
 /* -- Python bindings ------------------------------------------------------------------- */
+
+enum { HALF_BF16 = 0, HALF_F16 = 1 };
+
+static int check_half(int half) {
+    if (half == HALF_BF16 || (HAVE_FLOAT16 && half == HALF_F16))
+        return 1;
+    PyErr_Format(PyExc_ValueError, "16-bit float type %d is not built in (0: bfloat16%s)", half,
+                 HAVE_FLOAT16 ? ", 1: float16" : "");
+    return 0;
+}
 
 typedef struct {
     Py_buffer views[2 * MAX_MODELS + 3];
@@ -219,7 +156,8 @@ static const void *hold(Buffers *held, PyObject *obj, int writable, Py_ssize_t *
 
 static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
     PyObject *base_obj, *model_obj, *hist_obj;
-    if (!PyArg_ParseTuple(args, "OOO", &base_obj, &model_obj, &hist_obj))
+    int half;
+    if (!PyArg_ParseTuple(args, "iOOO", &half, &base_obj, &model_obj, &hist_obj) || !check_half(half))
         return NULL;
     Buffers held = {.count = 0};
     Py_ssize_t n = -1, bins = 2 * BINS; /* uint32 bins, counted as 16-bit values */
@@ -236,7 +174,12 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    delta_histogram_kernel(base, model, n, hist);
+    if (half == HALF_BF16)
+        delta_histogram_bf16(base, model, n, hist);
+#if HAVE_FLOAT16
+    else
+        delta_histogram_f16(base, model, n, hist);
+#endif
     Py_END_ALLOW_THREADS
     release_all(&held);
     Py_RETURN_NONE;
@@ -244,8 +187,8 @@ static PyObject *py_delta_histogram(PyObject *self, PyObject *args) {
 
 static PyObject *py_delta_key_count(PyObject *self, PyObject *args) {
     PyObject *base_obj, *model_obj;
-    int key;
-    if (!PyArg_ParseTuple(args, "OOi", &base_obj, &model_obj, &key))
+    int half, key;
+    if (!PyArg_ParseTuple(args, "iOOi", &half, &base_obj, &model_obj, &key) || !check_half(half))
         return NULL;
     Buffers held = {.count = 0};
     Py_ssize_t n = -1;
@@ -257,7 +200,12 @@ static PyObject *py_delta_key_count(PyObject *self, PyObject *args) {
     }
     int64_t count;
     Py_BEGIN_ALLOW_THREADS
-    count = delta_key_count_kernel(base, model, n, (uint16_t)key);
+    if (half == HALF_BF16)
+        count = delta_key_count_bf16(base, model, n, (uint16_t)key);
+#if HAVE_FLOAT16
+    else
+        count = delta_key_count_f16(base, model, n, (uint16_t)key);
+#endif
     Py_END_ALLOW_THREADS
     release_all(&held);
     return PyLong_FromLongLong(count);
@@ -285,10 +233,11 @@ static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
 
 static PyObject *py_merge(PyObject *self, PyObject *args) {
     PyObject *base_obj, *models_obj, *thresholds_obj, *quotas_obj, *masks_obj, *weights_obj, *out_obj, *scale_obj;
-    int consensus, normalize;
+    int half, consensus, normalize;
     double divisor;
-    if (!PyArg_ParseTuple(args, "OOOOOOOppdO", &base_obj, &models_obj, &thresholds_obj, &quotas_obj, &masks_obj,
-                          &weights_obj, &out_obj, &consensus, &normalize, &divisor, &scale_obj))
+    if (!PyArg_ParseTuple(args, "iOOOOOOOppdO", &half, &base_obj, &models_obj, &thresholds_obj, &quotas_obj,
+                          &masks_obj, &weights_obj, &out_obj, &consensus, &normalize, &divisor, &scale_obj) ||
+        !check_half(half))
         return NULL;
     MergeArgs merge = {.consensus = consensus, .normalize = normalize, .divisor = (float)divisor};
     if (scale_obj != Py_None) {
@@ -338,7 +287,12 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         goto fail;
     memcpy(merge.weights, weights, (size_t)nm * sizeof(uint16_t));
     Py_BEGIN_ALLOW_THREADS
-    merge_kernel(&merge, base, n, out);
+    if (half == HALF_BF16)
+        merge_bf16(&merge, base, n, out);
+#if HAVE_FLOAT16
+    else
+        merge_f16(&merge, base, n, out);
+#endif
     Py_END_ALLOW_THREADS
     Py_DECREF(models);
     Py_DECREF(thresholds);
@@ -357,13 +311,14 @@ fail:
 
 static PyMethodDef methods[] = {
     {"delta_histogram", py_delta_histogram, METH_VARARGS,
-     "delta_histogram(base, model, hist): add the magnitude-key histogram of bf16(model - base) to hist."},
+     "delta_histogram(half, base, model, hist): add the magnitude-key histogram of (model - base) to hist."},
     {"delta_key_count", py_delta_key_count, METH_VARARGS,
-     "delta_key_count(base, model, key): how many magnitude keys of bf16(model - base) equal key."},
+     "delta_key_count(half, base, model, key): how many magnitude keys of (model - base) equal key."},
     {"first_nonfinite", py_first_nonfinite, METH_VARARGS,
      "first_nonfinite(values, exponent_mask): index of the first 16-bit Inf/NaN, or len(values)."},
     {"merge", py_merge, METH_VARARGS,
-     "merge(base, models, thresholds, tie_quotas, masks, weights, out, consensus, normalize, divisor, scale): "
+     "merge(half, base, models, thresholds, tie_quotas, masks, weights, out, consensus, normalize, divisor, "
+     "scale): "
      "see fused.py."},
     {NULL, NULL, 0, NULL},
 };
@@ -372,7 +327,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, m
 
 PyMODINIT_FUNC PyInit__fused(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "MAX_MODELS", MAX_MODELS) != 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "MAX_MODELS", MAX_MODELS) != 0 ||
+                      PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_FLOAT16) != 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,4 +1,4 @@
-"""Fused bfloat16 kernels for the task-vector methods (C, `_fused.c`), with their contract.
+"""Fused 16-bit float kernels for the task-vector methods (C, `_fused.c`), with their contract.
 
 The torch path of a TIES merge makes some thirty passes over each piece (a delta per
 model, its keys, a histogram, keep bits, weights, a vote, the agreement, two sums, a
@@ -6,7 +6,8 @@ division, the base added back), each a kernel launch with temporaries. These ker
 the same work in two passes, the selection histogram and the merge, and give the torch
 path's results bit for bit (tests/test_fused.py checks them against it on hostile data).
 
-They are used when every input of a piece is bfloat16 and contiguous, at most
+They are used when every input of a piece is bfloat16 (or every one float16) and
+contiguous, at most
 MAX_MODELS models are merged, and the method's options fit (`TaskVectorMerge` decides);
 otherwise, or when the extension was not built (no C compiler at install time), or with
 DISTMERGE_FUSED=0 in the environment, the torch path runs.
@@ -28,6 +29,8 @@ except ImportError:  # built without a C compiler
     _fused = None
 
 MAX_MODELS = _fused.MAX_MODELS if _fused is not None else 0
+# The kernels' code for each 16-bit float type built in (float16 needs the compiler's _Float16).
+_HALF = {torch.bfloat16: 0, **({torch.float16: 1} if _fused is not None and _fused.HAVE_FLOAT16 else {})}
 KEEP_ALL = -1  # a threshold below every key
 
 _enabled = _fused is not None and os.environ.get("DISTMERGE_FUSED", "1") != "0"
@@ -52,8 +55,12 @@ def built() -> bool:
 
 
 def usable(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the kernels may run over these tensors (bf16, contiguous, enabled)."""
-    return _enabled and all(t is not None and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
+    """Whether the kernels may run over these tensors (contiguous, all bfloat16 or all
+    float16, and the kernels enabled)."""
+    if not _enabled or tensors[0] is None or tensors[0].dtype not in _HALF:
+        return False
+    dtype = tensors[0].dtype
+    return all(t is not None and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
 @contextmanager
@@ -76,21 +83,22 @@ HISTOGRAM_SPAN = 1 << 31  # elements per kernel call (its counts are uint32)
 
 def delta_histogram(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
     """The 65,536-bin histogram of the magnitude keys (`topk.magnitude_keys`) of the
-    bfloat16 task vector `model - base`: `topk.digit_histogram` of those keys, one pass
+    16-bit task vector `model - base`: `topk.digit_histogram` of those keys, one pass
     (uint32 counts, int64 for a piece of 2^32 elements or more)."""
     flat_base, flat_model = base.reshape(-1), model.reshape(-1)
     total = None
     for start in range(0, max(1, flat_base.numel()), HISTOGRAM_SPAN):
         hist = np.zeros(1 << 16, dtype=np.uint32)
         end = start + HISTOGRAM_SPAN
-        _fused.delta_histogram(_buffer(flat_base[start:end]), _buffer(flat_model[start:end]), hist)
+        _fused.delta_histogram(_HALF[base.dtype], _buffer(flat_base[start:end]), _buffer(flat_model[start:end]),
+                               hist)
         total = hist if total is None else total.astype(np.int64) + hist
     return total
 
 
 def delta_key_count(base: torch.Tensor, model: torch.Tensor, key: int) -> int:
-    """How many magnitude keys of the bfloat16 task vector `model - base` equal `key`."""
-    return _fused.delta_key_count(_buffer(base), _buffer(model), key)
+    """How many magnitude keys of the 16-bit task vector `model - base` equal `key`."""
+    return _fused.delta_key_count(_HALF[base.dtype], _buffer(base), _buffer(model), key)
 
 
 _EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -111,7 +119,8 @@ def scans_finite(values: torch.Tensor) -> bool:
 
 def merge(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[KeepRule], weights: torch.Tensor, *,
           consensus: bool, normalize: bool, divisor: float, scale: Optional[float]) -> torch.Tensor:
-    """`TaskVectorMerge.apply`'s torch path without rescale, in one pass (bfloat16):
+    """`TaskVectorMerge.apply`'s torch path without rescale, in one pass (16-bit floats;
+    `weights` in the inputs' dtype):
 
         d_i = kept(m_i - base)       keeps[i]: which entries model i keeps
         W_i = d_i * weights[i]
@@ -123,7 +132,7 @@ def merge(base: torch.Tensor, models: Sequence[torch.Tensor], keeps: Sequence[Ke
     """
     masks = [None if k.bits is None else _buffer(k.bits.contiguous()) for k in keeps]
     out = torch.empty_like(base)
-    _fused.merge(_buffer(base), [_buffer(m) for m in models], [k.threshold for k in keeps],
+    _fused.merge(_HALF[base.dtype], _buffer(base), [_buffer(m) for m in models], [k.threshold for k in keeps],
                  [k.tie_quota if k.bits is None else -1 for k in keeps], masks, _buffer(weights), _buffer(out),
                  consensus, normalize, float(divisor), scale)
     return out

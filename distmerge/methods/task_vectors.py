@@ -269,15 +269,17 @@ class TaskVectorMerge(MergeMethod):
 
     def _apply_fused(self, inputs: PieceInputs, carry: Optional[PieceCarry]) -> Optional[torch.Tensor]:
         """`apply` by the fused kernel, or None where it does not cover the options (rescale,
-        unweighted sign election, a dtype other than bfloat16, over MAX_MODELS models)."""
+        unweighted sign election, a dtype other than bfloat16 and float16, over MAX_MODELS
+        models, a work dtype wider than the inputs')."""
         shared = inputs.meta.params.shared
+        dtype = inputs.base.dtype
         if (len(inputs.models) > fused.MAX_MODELS or not fused.usable(inputs.base, *inputs.models)
                 or (carry is not None and carry.l1 is not None) or shared.get("sign_election") == "unweighted"
-                or (self.sparsifier is not None and self.sparsifier.work_dtype(torch.bfloat16) != torch.bfloat16)):
+                or (self.sparsifier is not None and self.sparsifier.work_dtype(dtype) != dtype)):
             return None
         keeps = [self._fused_keep(inputs, carry, i) for i in range(len(inputs.models))]
         inputs.memo.clear()
-        weights = torch.tensor(inputs.meta.params.model_values("weight"), dtype=torch.bfloat16)
+        weights = torch.tensor(inputs.meta.params.model_values("weight"), dtype=dtype)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
         scale = None if shared["lambda"] == 1 else float(shared["lambda"])
