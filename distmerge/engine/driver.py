@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 from distmerge.engine.writer import WriterActor
 from distmerge.engine.worker import WHOLE_GROUP, WorkerStats, collect_unit, merge_unit, scan_unit, warm_up
 from distmerge.errors import DistmergeError, MergeFailed, OutputFull, WriterLost
+from distmerge.io.storage import is_remote, split_url
 from distmerge.methods import get_method
 from distmerge.planner import MergePlan, WorkUnit
 
@@ -174,11 +175,18 @@ class Driver:
                     raise _failure(self.plan.units[u], err) from err
 
     def warm_up(self, workers: int) -> None:
-        """Have `workers` worker processes import the worker code (torch) now, while the
-        destination is prepared and the writer starts; nothing waits for them."""
+        """Have `workers` worker processes import the worker code (torch) and connect the
+        remote inputs' storage clients now, while the destination is prepared and the
+        writer starts; nothing waits for them."""
+        remote = {}
+        for unit in self.plan.units:
+            for piece in unit.pieces:
+                for source in piece.sources:
+                    if is_remote(source.path):
+                        remote.setdefault(split_url(source.path)[0], source.path)
         task = self.ray.remote(warm_up).options(num_cpus=self.threads)
         for _ in range(workers):
-            task.remote()
+            task.remote(self.plan.config.storage, sorted(remote.values()))
 
     def check_inputs(self) -> None:
         """Read every input byte once and refuse NaN/Inf before anything is merged or written."""

@@ -193,9 +193,19 @@ class InputReader:
                              "--memory-per-worker so that the tensor is merged in one piece") from err
 
 
-def warm_up() -> int:
-    """Nothing: a task that makes a worker process import this module (torch, the
-    methods) while the writer starts, so the first unit does not wait for it."""
+def warm_up(storage: Storage, remote_urls: Sequence[str] = ()) -> int:
+    """A task that makes a worker process import this module (torch, the methods) and
+    connect the clients of the remote inputs' storage (one URL per protocol: s3fs's
+    imports and session take about half a second) while the writer starts, so that the
+    first unit does not wait for them."""
+    for url in remote_urls:
+        try:
+            fs = storage.filesystem(url)
+            connect = getattr(fs, "connect", None)
+            if callable(connect):
+                connect()
+        except Exception:  # noqa: BLE001 - nothing waits for this task; a unit's read reports the problem
+            pass
     return os.getpid()
 
 
