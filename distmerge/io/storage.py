@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -20,6 +21,7 @@ SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access
 S3_ATTEMPTS = 5
 S3FS_RETRIES = 3
 _FILESYSTEMS: Dict[Tuple[str, str], Any] = {}
+_FILESYSTEMS_LOCK = threading.Lock()
 
 
 def split_url(url: str) -> Tuple[str, str]:
@@ -85,28 +87,32 @@ class Storage:
         """The fsspec filesystem for `url` (cached per process and options)."""
         protocol, _ = split_url(url)
         cache_key = (protocol, self.key())
-        if cache_key not in _FILESYSTEMS:
-            import fsspec
+        with _FILESYSTEMS_LOCK:  # one per process: threads (a planner's readers) wait for the first
+            if cache_key not in _FILESYSTEMS:
+                _FILESYSTEMS[cache_key] = self._new_filesystem(protocol)
+            return _FILESYSTEMS[cache_key]
 
-            options = dict(self.options) if protocol != "file" else {}
-            if protocol == "s3":
-                options.setdefault("default_block_size", 8 * 2**20)
-                # Bounded retries with backoff: botocore's standard mode (throttling, 5xx,
-                # dropped connections), inside s3fs's own few tries on connection errors.
-                # Both can be set in the storage options (config_kwargs.retries, retries).
-                config = dict(options.get("config_kwargs") or {})
-                config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
-                options["config_kwargs"] = config
-                s3fs_retries = options.pop("retries", S3FS_RETRIES)
-                if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
-                    raise ConfigError(f"storage.retries: must be a whole number of tries, at least 1 "
-                                      f"(got {s3fs_retries!r})")
-                options["skip_instance_cache"] = True  # ours is keyed by every option, retries too
-            fs = fsspec.filesystem(protocol, **options)
-            if protocol == "s3":
-                fs.retries = s3fs_retries  # an attribute of s3fs, not a constructor argument
-            _FILESYSTEMS[cache_key] = fs
-        return _FILESYSTEMS[cache_key]
+    def _new_filesystem(self, protocol: str):
+        import fsspec
+
+        options = dict(self.options) if protocol != "file" else {}
+        if protocol == "s3":
+            options.setdefault("default_block_size", 8 * 2**20)
+            # Bounded retries with backoff: botocore's standard mode (throttling, 5xx,
+            # dropped connections), inside s3fs's own few tries on connection errors.
+            # Both can be set in the storage options (config_kwargs.retries, retries).
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
+            options["config_kwargs"] = config
+            s3fs_retries = options.pop("retries", S3FS_RETRIES)
+            if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
+                raise ConfigError(f"storage.retries: must be a whole number of tries, at least 1 "
+                                  f"(got {s3fs_retries!r})")
+            options["skip_instance_cache"] = True  # ours is keyed by every option, retries too
+        fs = fsspec.filesystem(protocol, **options)
+        if protocol == "s3":
+            fs.retries = s3fs_retries  # an attribute of s3fs, not a constructor argument
+        return fs
 
     def merged(self, extra: Optional[Mapping[str, Any]]) -> "Storage":
         return Storage({**self.options, **(extra or {})})
