@@ -146,3 +146,7 @@ def test_ray_listens_on_loopback_only(ray_local, config_path, tmp_path):
 
     elsewhere = [(c.laddr.ip, c.laddr.port, c.pid) for c in listening if not loopback(c.laddr.ip)]
     assert not elsewhere
+    # nor does Ray's dashboard process report usage statistics off the machine
+    dashboards = [p for p in psutil.Process().children(recursive=True)
+                  if any("dashboard" in part for part in p.cmdline())]
+    assert dashboards and all(p.environ().get("RAY_USAGE_STATS_ENABLED") == "0" for p in dashboards)

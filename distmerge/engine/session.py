@@ -20,8 +20,12 @@ def force_loopback() -> None:
     Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 when it is imported (and its child
     processes when they start): with it, every Ray server listens on loopback. If Ray
     was imported before we could set it, the constant it was read into is updated too.
+    Usage statistics are off as well (nothing leaves the machine).
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # A local Ray of ours reports no usage statistics: its dashboard process would send
+    # them to Ray's servers, off this machine (an explicit setting by the user wins).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if "ray" in sys.modules:
         import ray._private.ray_constants as constants
 
