@@ -20,8 +20,7 @@ byte once from the warm cache plus writing the output bytes once and fsyncing th
 timeline) are set against their own floors: start-up against a bare local Ray started as
 distmerge starts it and its first task importing torch; merging against one histogram
 pass over every task vector (its fused kernel where built; single-threaded CPU time,
-shared by the workers) plus the
-I/O floor.
+shared by the workers) plus the I/O floor.
 
 Generated models are kept under --work and reused by later runs with the same scale.
 """
