@@ -7,10 +7,10 @@ the same work in two passes, the selection histogram and the merge, and give the
 path's results bit for bit (tests/test_fused.py checks them against it on hostile data).
 
 They are used when every input of a piece is bfloat16 (or every one float16) and
-contiguous, at most
-MAX_MODELS models are merged, and the method's options fit (`TaskVectorMerge` decides);
-otherwise, or when the extension was not built (no C compiler at install time), or with
-DISTMERGE_FUSED=0 in the environment, the torch path runs.
+contiguous, at most MAX_MODELS models are merged, and the method's options fit
+(`TaskVectorMerge` decides); otherwise, or when the extension was not built (no C
+compiler at install time), or with DISTMERGE_FUSED=0 in the environment, the torch path
+runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ _HALF = {torch.bfloat16: 0, **({torch.float16: 1} if _fused is not None and _fus
 KEEP_ALL = -1  # a threshold below every key
 
 _enabled = _fused is not None and os.environ.get("DISTMERGE_FUSED", "1") != "0"
-
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ Math (DESIGN.md §2), mirroring mergekit 0.1.5's operation order and dtypes:
   no consensus: mixed = sum_i W_i; divisor = sum_i w_i (|.| < 1e-8 -> 1)
   normalize: mixed /= divisor;  mixed *= lambda;  out = theta_base + mixed
 
+16-bit pieces run the statistics histogram and the apply through the fused kernels
+(fused.py) where the options allow; the torch code below is the reference they match.
+
 Statistics phases (run only for what a tensor needs):
   "select digits i/n"  radix-selection passes of the ranked kinds' thresholds (topk.py)
   "rescale L1"         exact L1 sums of each task vector before and after sparsification
