@@ -178,12 +178,7 @@ class Driver:
         """Have `workers` worker processes import the worker code (torch) and connect the
         remote inputs' storage clients now, while the destination is prepared and the
         writer starts; nothing waits for them."""
-        remote = {}
-        for unit in self.plan.units:
-            for piece in unit.pieces:
-                for source in piece.sources:
-                    if is_remote(source.path):
-                        remote.setdefault(split_url(source.path)[0], source.path)
+        remote = {split_url(m.path)[0]: m.path for m in self.plan.config.inputs if is_remote(m.path)}
         task = self.ray.remote(warm_up).options(num_cpus=self.threads)
         for _ in range(workers):
             task.remote(self.plan.config.storage, sorted(remote.values()))

@@ -170,10 +170,15 @@ class TaskVectorMerge(MergeMethod):
         return [None if s is None or not s.searching else self._histograms(inputs, s, i, phase.index)
                 for i, s in enumerate(carry.selections)]
 
+    @staticmethod
+    def _fused_keys(inputs: PieceInputs, selection: topk.Selection, index: int) -> bool:
+        """Whether model `index`'s magnitude keys come from the fused kernels (16-bit keys
+        of 16-bit inputs) rather than from the torch path's memoized deltas."""
+        return selection.bits == 16 and fused.usable(inputs.base, inputs.models[index])
+
     def _histograms(self, inputs: PieceInputs, selection: topk.Selection, index: int, pass_index: int) -> Any:
-        model = inputs.models[index]
-        if selection.bits == 16 and "deltas" not in inputs.memo and fused.usable(inputs.base, model):
-            histogram = fused.delta_histogram(inputs.base, model)  # one pass: 16-bit keys need no other
+        if "deltas" not in inputs.memo and self._fused_keys(inputs, selection, index):
+            histogram = fused.delta_histogram(inputs.base, inputs.models[index])  # 16-bit keys: one pass
             return {name: histogram for name in selection.boundaries()}
         return topk.histograms(self._keys(inputs, selection, index), selection, pass_index)
 
@@ -206,9 +211,8 @@ class TaskVectorMerge(MergeMethod):
         return [PieceCarry(tuple(column[j] for column in columns), carry.l1) for j in range(len(parts))]
 
     def _key_count(self, inputs: PieceInputs, selection: topk.Selection, index: int, key: int) -> int:
-        model = inputs.models[index]
-        if selection.bits == 16 and fused.usable(inputs.base, model):
-            return fused.delta_key_count(inputs.base, model, key)
+        if self._fused_keys(inputs, selection, index):
+            return fused.delta_key_count(inputs.base, inputs.models[index], key)
         return int((self._keys(inputs, selection, index) == key).sum())
 
     def _work_dtype_of(self, dtype: torch.dtype) -> torch.dtype:
@@ -283,8 +287,7 @@ class TaskVectorMerge(MergeMethod):
         keeps = [self._fused_keep(inputs, carry, i) for i in range(len(inputs.models))]
         inputs.memo.clear()
         weights = torch.tensor(inputs.meta.params.model_values("weight"), dtype=dtype)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = _weight_sum_divisor(weights)
         scale = None if shared["lambda"] == 1 else float(shared["lambda"])
         return fused.merge(inputs.base, inputs.models, keeps, weights, consensus=bool(self.consensus),
                            normalize=bool(shared["normalize"]), divisor=float(divisor), scale=scale)
@@ -326,14 +329,20 @@ class TaskVectorMerge(MergeMethod):
             del agree
         else:
             mixed = signs.sum_models(deltas)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+            divisor = _weight_sum_divisor(weights)
         del deltas
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
         return (base + mixed).to(dtype)
+
+
+def _weight_sum_divisor(weights: torch.Tensor) -> torch.Tensor:
+    """The divisor without sign election: the sum of the weights (mergekit: 1 when |sum| < 1e-8)."""
+    divisor = weights.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return divisor
 
 
 def _gta(name: str, sparsification: Optional[str], consensus: Optional[str], normalize: bool, rescale: bool,

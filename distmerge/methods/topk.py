@@ -240,9 +240,9 @@ def kept_mask(keys: torch.Tensor, selection: Selection) -> torch.Tensor:
 def keep_threshold(selection: Selection) -> Optional[Tuple[int, int]]:
     """A top-k selection as (threshold, tie quota): this piece keeps the keys above the
     threshold, and when the quota is >= 0 only the first `quota` (in flat order) of those
-    equal to threshold + 1, the boundary key; -1: all of them. A selection that keeps
-    all (none) gives (-1, -1) (the largest key of its width, -1). None for any other
-    selection (windows from below, breadcrumbs)."""
+    equal to threshold + 1, the boundary key (quota -1: all of them). A selection that
+    keeps everything gives (-1, -1), one that keeps nothing (the largest key of its
+    width, -1). None for any other selection (windows from below, breadcrumbs)."""
     if selection.keeps != "window":
         return (-1 if selection.keeps == "all" else (1 << (selection.bits - 1)) - 1), -1
     if selection.order != "desc" or selection.first is not None:
