@@ -21,7 +21,7 @@ Nothing here runs on a cluster or touches S3. The script
    pieces are timed too, to show the trend), and of the whole protocol of a tensor merged
    whole (one read,
    cache-sized sub-pieces). It also times the byte primitives of the S3 client
-   and of the writer on 64 MiB buffers: memcpy, SHA-256 (the part checksums), CRC32
+   and of the writer on part-sized buffers (16 MiB): memcpy, SHA-256 (the part checksums), CRC32
    (botocore's default upload checksum), AES-GCM (TLS, with `cryptography`);
 3. combines them per round (the driver runs every statistics round, then the apply round,
    with a barrier between rounds; only apply produces output):
@@ -56,7 +56,7 @@ Nothing here runs on a cluster or touches S3. The script
    When the plan reads some input bytes more than once (a model-wide statistic), the
    model is printed again with read-once inputs, everything else equal; and, always, with
    read-once inputs and a writer uploading with more threads
-   (--what-if-upload-threads, default 16), to show the bound that comes next.
+   (--what-if-upload-threads, default 32), to show the bound that comes next.
 
 What is measured and what is assumed:
 
@@ -659,15 +659,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--upload-gbps", type=float, default=None,
                         help="the writer's multipart upload rate, Gbit/s (default: min(NIC, upload threads x "
                              "per-connection rate, one marker PUT per part))")
-    parser.add_argument("--what-if-upload-threads", type=int, default=16,
-                        help=f"upload threads of the third table's writer (default 16; distmerge has {UPLOAD_THREADS})")
+    parser.add_argument("--what-if-upload-threads", type=int, default=32,
+                        help=f"upload threads of the third table's writer (default 32; distmerge has {UPLOAD_THREADS})")
     parser.add_argument("--s3-latency-ms", type=float, default=50.0, help="one small S3 request (default 50)")
     parser.add_argument("--ray-start-s", type=float, default=10.0)
     parser.add_argument("--task-overhead-ms", type=float, default=10.0)
     parser.add_argument("--cpu-scale", type=float, default=1.0,
                         help="a cluster core's time for this machine's core-second (default 1.0)")
     parser.add_argument("--memory-per-worker", default="4GiB")
-    parser.add_argument("--part-size", default="64MiB")
+    parser.add_argument("--part-size", default=str(DEFAULT_PART_SIZE), help="S3 part size (default: distmerge's)")
     parser.add_argument("--repeats", type=int, default=2, help="timing runs of each measurement (best is kept)")
     parser.add_argument("--json", default=os.path.join(WORK, "model_cluster.json"), help="write all figures here")
     args = parser.parse_args(argv)
@@ -727,7 +727,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, m in worker.items():
         print(f"  {name:<10} ({m['pieces']} piece(s) of {m['piece_elements'] / 1e6:.1f}M elements): "
               + ", ".join(f"{k} {v:.2f}" for k, v in m["ns_per_element"].items()))
-    print("  bytes (ns/byte, 64 MiB): " + ", ".join(f"{k} {v:.3f}" for k, v in byte_ns.items()))
+    print(f"  bytes (ns/byte, {format_bytes(part_size)}): " + ", ".join(f"{k} {v:.3f}" for k, v in byte_ns.items()))
     print(f"  S3 client CPU (TLS + 2 copies) {client_ns:.3f} ns/B; writer's busiest path "
           f"{max(writer_paths, key=writer_paths.get)}: {writer_ns:.3f} ns/B "
           f"({1 / writer_ns:.2f} GB/s)")

@@ -39,7 +39,7 @@ def merge(config: Union[str, os.PathLike, MergeConfig], out_dir: Union[str, os.P
     the merge runs on that cluster. Everything is validated before any tensor data is
     read; on failure nothing that looks like a finished checkpoint is left at `out_dir`.
     Inputs and `out_dir` may be local paths or fsspec URLs (s3://bucket/prefix);
-    `part_size` is the multipart part size for S3 output (default 64 MiB, or what the
+    `part_size` is the multipart part size for S3 output (default 16 MiB, or what the
     interrupted run being resumed used). The merge holds the output's lock throughout: a
     second merge into the same output is refused, naming the holder.
     NaN/Inf in an input fails the merge naming the tensor, unless `allow_nonfinite`; it is

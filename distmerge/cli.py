@@ -69,7 +69,7 @@ def _options() -> List[Option]:
         Option("--threads-per-worker", dict(type=int, default=1, metavar="N", help=(
             "CPU threads (and Ray CPUs) each merge task uses (default: 1)")), RUNS),
         Option("--part-size", dict(default=None, metavar="SIZE", help=(
-            "multipart upload part size for s3:// output, 5MiB to 5GiB (default: 64MiB, or what the "
+            "multipart upload part size for s3:// output, 5MiB to 5GiB (default: 16MiB, or what the "
             "interrupted merge being resumed used)")), RUNS),
         Option("--overwrite", dict(action="store_true", help="replace a checkpoint already in the output"), RUNS),
         Option("--restart", dict(action="store_true", help=(

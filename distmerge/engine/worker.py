@@ -128,7 +128,7 @@ class InputReader:
         requests = [(s.path, s.start, s.end, s.version) for s in remote]
         self._ahead[key] = self._fetcher.submit(read_remote_many, self.storage, requests)
 
-    def _fetch(self, key: Tuple[str, int], sources: Sequence[SourceRange]) -> List[bytearray]:
+    def _fetch(self, key: Tuple[str, int], sources: Sequence[SourceRange]) -> List[memoryview]:
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
             return ahead.result()
@@ -178,7 +178,7 @@ class InputReader:
         name = hashlib.sha1(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:20]
         return os.path.join(self._scratch or "", f"{name}-{source}")
 
-    def _write_scratch(self, key: Tuple[str, int], source: int, data: bytearray, tensor: str) -> None:
+    def _write_scratch(self, key: Tuple[str, int], source: int, data: memoryview, tensor: str) -> None:
         if self._scratch is None:
             _remove_orphaned_scratch()
             self._scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")

@@ -13,7 +13,7 @@ import hashlib
 from typing import Callable, Iterable
 
 ALGORITHM = "sha256-blocks"
-LOCAL_BLOCK = 64 * 2**20  # = the default S3 part size, so both write the same index by default
+LOCAL_BLOCK = 16 * 2**20  # = the default S3 part size, so both write the same index by default
 
 
 def combine(block_digests: Iterable[bytes]) -> str:

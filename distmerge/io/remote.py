@@ -5,7 +5,8 @@ replaced mid-merge fails with a clear error instead of mixing versions. Failed r
 are retried by s3fs and botocore (bounded; see `Storage.filesystem`); a response body
 cut off mid-transfer, which neither retries, is fetched again here (`BODY_ATTEMPTS`). Other fsspec
 protocols use the filesystem's own concurrent `cat_ranges`, with the object's size and
-version checked before and after. Reads land in one preallocated buffer.
+version checked before and after. Reads land in one preallocated buffer per request:
+S3 response bodies are read straight into it, and it is not zero-filled first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import random
 from typing import List, Sequence, Tuple
+
+import numpy as np
 
 from distmerge.errors import InputError
 from distmerge.io.storage import Storage, s3_error_code, split_url
@@ -58,7 +61,29 @@ def changed_error(url: str) -> InputError:
                       "re-run the merge on a stable input")
 
 
-async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, bytearray]]) -> None:
+def _buffer(size: int) -> memoryview:
+    """`size` writable bytes, not zero-filled (every byte is about to be overwritten)."""
+    return memoryview(np.empty(size, dtype=np.uint8))
+
+
+async def _read_body_into(body, view: memoryview) -> int:
+    """Read a response body into `view` chunk by chunk (no whole-body bytes object and
+    copy); the number of bytes read, which is short if the body ended early."""
+    readinto = getattr(body, "readinto", None)
+    if readinto is None:
+        data = await body.read()
+        view[:len(data)] = data[:len(view)]
+        return len(data)
+    filled = 0
+    while filled < len(view):
+        n = await readinto(view[filled:])
+        if n == 0:
+            break
+        filled += n
+    return filled
+
+
+async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]) -> None:
     """Fetch every (url, start, end, etag, buffer) request with bounded concurrent GETs."""
     limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
@@ -73,34 +98,33 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, bytearray]])
                 except Exception as err:  # noqa: BLE001 - mapped to an error naming the object
                     raise _read_error(url, a, b, err) from None
                 try:  # a body cut off mid-transfer is retried here, with backoff
-                    data = await response["Body"].read()
+                    got = await _read_body_into(response["Body"], view[a - offset:b - offset])
                 except Exception as err:  # noqa: BLE001
                     if not _transient(err) or attempt + 1 == BODY_ATTEMPTS:
                         raise InputError(f"{url}: reading bytes {a}-{b} failed {attempt + 1} time(s), last: "
                                          f"{type(err).__name__}: {err}") from None
-                    data = None
-            if data is None:
+                    got = None
+            if got is None:
                 await asyncio.sleep(backoff(attempt))
                 continue
-            if len(data) != b - a:
-                raise InputError(f"{url}: short read at bytes {a}-{b} ({len(data)} of {b - a})")
-            view[a - offset:b - offset] = data
+            if got != b - a:
+                raise InputError(f"{url}: short read at bytes {a}-{b} ({got} of {b - a})")
             return
 
     jobs = []
-    for url, start, end, etag, buffer in requests:
+    for url, start, end, etag, view in requests:
         bucket, key, _ = fs.split_path(url)
-        view = memoryview(buffer)
         jobs += [one(url, bucket, key, etag, view, start, a, b) for a, b in _chunks(start, end)]
     await asyncio.gather(*jobs)
 
 
-def read_remote_many(storage: Storage, requests: Sequence[Tuple[str, int, int, str]]) -> List[bytearray]:
-    """Bytes [start, end) of each (url, start, end, version), fetched concurrently.
+def read_remote_many(storage: Storage, requests: Sequence[Tuple[str, int, int, str]]) -> List[memoryview]:
+    """Bytes [start, end) of each (url, start, end, version), fetched concurrently, as
+    writable byte buffers.
 
     `version` is the ETag (or mtime) recorded when the merge was planned.
     """
-    buffers = [bytearray(end - start) for _, start, end, _ in requests]
+    buffers = [_buffer(end - start) for _, start, end, _ in requests]
     s3_requests = [(u, a, b, v, buf) for (u, a, b, v), buf in zip(requests, buffers)
                    if b > a and split_url(u)[0] == "s3"]
     if s3_requests:
@@ -114,7 +138,7 @@ def read_remote_many(storage: Storage, requests: Sequence[Tuple[str, int, int, s
     return buffers
 
 
-def _read_generic(storage: Storage, url: str, start: int, end: int, version: str) -> bytearray:
+def _read_generic(storage: Storage, url: str, start: int, end: int, version: str) -> memoryview:
     """Any other fsspec protocol: its own concurrent cat_ranges, version checked around it."""
     from distmerge.io.checkpoint import file_version
 
@@ -123,8 +147,10 @@ def _read_generic(storage: Storage, url: str, start: int, end: int, version: str
         raise changed_error(url)
     ranges = _chunks(start, end)
     parts = fs.cat_ranges([url] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
-    buffer = bytearray(end - start)
+    buffer = _buffer(end - start)
     for (a, b), data in zip(ranges, parts):
+        if len(data) != b - a:
+            raise InputError(f"{url}: short read at bytes {a}-{b} ({len(data)} of {b - a})")
         buffer[a - start:b - start] = data
     if version and file_version(fs.info(url)) != version:
         raise changed_error(url)

@@ -38,8 +38,10 @@ from distmerge.memory import peak_rss
 MIN_PART_SIZE = 5 * 2**20
 MAX_PART_SIZE = 5 * 2**30
 MAX_PARTS = 10_000
-DEFAULT_PART_SIZE = 64 * 2**20
-UPLOAD_THREADS = 8  # parts uploaded at once
+# 16 MiB (AWS's CLI uses 8 MB): a part is uploaded as soon as it fills, so smaller parts
+# overlap the uploads with the merge and leave less to upload after the last unit.
+DEFAULT_PART_SIZE = 16 * 2**20
+UPLOAD_THREADS = 16  # parts uploaded at once (one S3 connection each)
 # Parts filled but not yet uploaded, at most: past this, `write` waits for uploads, which holds
 # the driver back (its writes are acknowledged later), so the writer's memory stays bounded
 # (about (UPLOAD_THREADS + MAX_QUEUED_PARTS) x part size) however slow the uploads are.
