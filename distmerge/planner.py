@@ -28,6 +28,9 @@ from distmerge.sizes import format_bytes
 DEFAULT_SHARD_SIZE = 5 * 10**9
 # Pack small tensors into one unit up to this much working memory (fewer, larger tasks).
 PACK_TARGET = 256 * 2**20
+# A worker fetches a unit's small pieces' remote bytes together, up to this many bytes a
+# batch, so that adjacent tensors of one object come in one GET (engine.worker.InputReader).
+FETCH_BATCH_BYTES = 32 * 2**20
 # Row splits fall on multiples of this many elements, so vectorized kernels see the
 # same element alignment whatever the split.
 SPLIT_ALIGN_ELEMENTS = 64
@@ -89,12 +92,19 @@ class WorkUnit:
         return sum(s.nbytes for p in self.pieces for s in p.sources)
 
     @property
+    def remote_read_bytes(self) -> int:
+        return sum(s.nbytes for p in self.pieces for s in p.sources if is_remote(s.path))
+
+    @property
     def out_bytes(self) -> int:
         return sum(p.out_nbytes for p in self.pieces)
 
     @property
     def memory(self) -> int:
-        return max(p.memory for p in self.pieces)
+        """Peak working memory: the largest piece's, plus, with remote inputs, the batches
+        of small pieces fetched together (the one computing and the next)."""
+        batches = min(2 * FETCH_BATCH_BYTES, self.remote_read_bytes) if len(self.pieces) > 1 else 0
+        return max(p.memory for p in self.pieces) + batches
 
     @property
     def chunks(self) -> Tuple[Tuple[Piece, ...], ...]:
@@ -111,9 +121,7 @@ class WorkUnit:
     @property
     def scratch_bytes(self) -> int:
         """Local scratch space its task may need: a streamed unit's remote input bytes."""
-        if not self.streamed:
-            return 0
-        return sum(s.nbytes for p in self.pieces for s in p.sources if is_remote(s.path))
+        return self.remote_read_bytes if self.streamed else 0
 
     def describe(self) -> str:
         p = self.pieces[0]

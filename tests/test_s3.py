@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import distmerge
 from distmerge.errors import InputError, MergeFailed
@@ -414,3 +416,73 @@ def test_scratch_of_killed_tasks_is_removed_later(tmp_path, monkeypatch):
     worker._remove_orphaned_scratch()
     assert {name for name, path in dirs.items() if path.exists()} == {
         f"{gone}-recent", f"{os.getpid()}-alive", "not-a-pid"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["s3://b/x", "s3://b/y"]), st.integers(0, 40), st.integers(0, 12),
+                          st.sampled_from(["v1", "v2"])), max_size=12))
+def test_coalesced_spans_cover_each_request_exactly(requests):
+    """Requests become spans of one object and version; each request is found at its
+    offset in its span, and a chain of adjacent requests is one span."""
+    from distmerge.io.remote import coalesce
+
+    requests = [(url, start, start + length, version) for url, start, length, version in requests]
+    spans, where = coalesce(requests)
+    assert len(where) == len(requests) and len(spans) <= max(1, len(requests))
+    for (url, start, end, version), (s, offset) in zip(requests, where):
+        span_url, span_start, span_end, span_version = spans[s]
+        assert (span_url, span_version) == (url, version)
+        assert span_start + offset == start and end <= span_end
+    for s, (url, start, end, version) in enumerate(spans):  # every span byte is some request's
+        covered = sorted((a, b) for (u, a, b, v), (t, _) in zip(requests, where) if t == s)
+        reach = start
+        for a, b in covered:
+            assert a <= reach
+            reach = max(reach, b)
+        assert reach == end
+    chain = [("s3://b/x", 10 * k, 10 * k + 10, "v") for k in range(5)]
+    assert coalesce(chain[::-1])[0] == [("s3://b/x", 0, 50, "v")]
+
+
+def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path):
+    """A unit of many small pieces is fetched a batch at a time, adjacent tensors of one
+    object in one GET: fewer requests than ranges, every byte once, the same tensors as
+    the local files."""
+    from distmerge.engine.worker import InputReader
+    from distmerge.io.remote import coalesce
+    from distmerge.planner import FETCH_BATCH_BYTES
+
+    paths, urls, _ = s3_models
+    s3_plan = distmerge.plan(_config(tmp_path, urls, "s3.yml"), storage_options=s3.options)
+    local_plan = distmerge.plan(_config(tmp_path, paths, "local.yml"))
+    index = max(range(len(s3_plan.units)), key=lambda u: len(s3_plan.units[u].pieces))
+    unit, local_unit = s3_plan.units[index], local_plan.units[index]
+    sources = [(s.path, s.start, s.end, s.version) for p in unit.pieces for s in p.sources]
+    assert len(unit.pieces) >= 4 and sum(b - a for _, a, b, _ in sources) <= FETCH_BATCH_BYTES
+    s3.proxy.reset()
+    with InputReader(s3_plan.config.storage, order=unit.pieces) as reader:
+        fetched = []
+        for k, piece in enumerate(unit.pieces):
+            fetched.append([t.clone() for t in reader.tensors(piece)])
+            if k + 1 < len(unit.pieces):
+                reader.prefetch(unit.pieces[k + 1])
+    gets = [path for method, path in s3.proxy.requests if method == "GET"]
+    assert len(gets) == len(coalesce(sources)[0]) < len(sources)
+    assert s3.proxy.get_bytes == sum(b - a for _, a, b, _ in sources)
+    local = InputReader(local_plan.config.storage)
+    for piece, tensors in zip(local_unit.pieces, fetched):
+        assert all(torch.equal(a, b) for a, b in zip(local.tensors(piece), tensors))
+
+
+def test_remote_reads_of_overlapping_empty_and_repeated_ranges(s3, s3_models):
+    from distmerge.io.remote import read_remote_many
+
+    paths, urls, _ = s3_models
+    name = sorted(n for n in os.listdir(paths[0]) if n.endswith(".safetensors"))[0]
+    with open(os.path.join(paths[0], name), "rb") as f:
+        data = f.read()
+    url = f"{urls[0]}/{name}"
+    version = s3.filesystem().info(url)["ETag"]
+    ranges = [(0, 100), (100, 300), (50, 150), (300, 300), (0, 100), (len(data) - 10, len(data))]
+    got = read_remote_many(Storage(s3.options), [(url, a, b, version) for a, b in ranges])
+    assert [bytes(g) for g in got] == [data[a:b] for a, b in ranges]

@@ -28,7 +28,7 @@ from distmerge.io.storage import Storage, is_remote, split_url
 from distmerge.memory import peak_rss
 from distmerge.methods import fused, get_method
 from distmerge.methods.base import MergeMethod, Phase, PieceInputs, reduce_statistics, run_in_memory
-from distmerge.planner import SPLIT_ALIGN_ELEMENTS, Piece, SourceRange, WorkUnit
+from distmerge.planner import FETCH_BATCH_BYTES, SPLIT_ALIGN_ELEMENTS, Piece, WorkUnit
 
 WHOLE_GROUP = "whole group"  # carry marker: this piece is its whole reduction group: run every phase here
 # Row ranges of about this many elements keep a method's temporaries in the CPU caches.
@@ -86,6 +86,10 @@ def _key(piece: Piece) -> Tuple[str, int]:
     return piece.meta.tensor, piece.meta.row_start
 
 
+def _remote_bytes(piece: Piece) -> int:
+    return sum(s.nbytes for s in piece.sources if is_remote(s.path))
+
+
 class InputReader:
     """Loads pieces' input rows and counts the bytes read from the inputs' storage.
 
@@ -93,9 +97,13 @@ class InputReader:
     statistics phase and once to apply): remote bytes are fetched once and kept in a
     local scratch file (under TMPDIR), and NaN/Inf are checked on the first load only;
     local inputs are mapped again, from the page cache.
+
+    `order` is the sequence in which pieces will be loaded (a unit's pieces): a fetch
+    then takes the pieces after the one asked for too, up to FETCH_BATCH_BYTES.
     """
 
-    def __init__(self, storage: Storage, allow_nonfinite: bool = False, keep: bool = False) -> None:
+    def __init__(self, storage: Storage, allow_nonfinite: bool = False, keep: bool = False,
+                 order: Sequence[Piece] = ()) -> None:
         self.storage = storage
         self.allow_nonfinite = allow_nonfinite
         self.keep = keep
@@ -103,6 +111,9 @@ class InputReader:
         self._seen: Set[Tuple[str, int]] = set()
         self._scratch: Optional[str] = None
         self._fetcher: Optional[ThreadPoolExecutor] = None
+        self._order = list(order)
+        self._position = {_key(p): i for i, p in enumerate(self._order)}
+        # piece key -> the fetch of its batch: {piece key: its remote ranges' bytes}
         self._ahead: Dict[Tuple[str, int], Future] = {}
 
     def __enter__(self) -> "InputReader":
@@ -117,22 +128,53 @@ class InputReader:
             self._scratch = None
 
     def prefetch(self, piece: Piece) -> None:
-        """Start fetching `piece`'s remote ranges in the background, so that the network
-        wait overlaps the computing of the piece before it (one piece ahead at most)."""
-        key = _key(piece)
-        remote = [s for s in piece.sources if is_remote(s.path)]
-        if not remote or key in self._ahead or (self.keep and key in self._seen):
+        """Start fetching `piece`'s remote ranges (with its batch) in the background, so
+        that the network wait overlaps the computing of the pieces before it. If `piece`
+        is in a batch fetched already, the batch after that one is fetched: at most one
+        batch ahead of the one being computed."""
+        pending = self._ahead.get(_key(piece))
+        if pending is not None:
+            position = self._position.get(_key(piece), len(self._order))
+            piece = next((p for p in self._order[position + 1:] if self._ahead.get(_key(p)) is not pending), None)
+        if piece is None or not self._needs_fetch(piece) or _key(piece) in self._ahead:
             return
         if self._fetcher is None:
             self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        requests = [(s.path, s.start, s.end, s.version) for s in remote]
-        self._ahead[key] = self._fetcher.submit(read_remote_many, self.storage, requests)
+        batch = self._batch(piece)
+        future = self._fetcher.submit(self._fetch_batch, batch)
+        for member in batch:
+            self._ahead[_key(member)] = future
 
-    def _fetch(self, key: Tuple[str, int], sources: Sequence[SourceRange]) -> List[memoryview]:
+    def _needs_fetch(self, piece: Piece) -> bool:
+        return any(is_remote(s.path) for s in piece.sources) and not (self.keep and _key(piece) in self._seen)
+
+    def _batch(self, piece: Piece) -> List[Piece]:
+        """`piece`, then the pieces after it in `order` not fetched yet, while their remote
+        bytes fit FETCH_BATCH_BYTES."""
+        batch, size = [piece], _remote_bytes(piece)
+        for following in self._order[self._position.get(_key(piece), len(self._order)) + 1:]:
+            size += _remote_bytes(following)
+            if size > FETCH_BATCH_BYTES or _key(following) in self._ahead or not self._needs_fetch(following):
+                break
+            batch.append(following)
+        return batch
+
+    def _fetch_batch(self, batch: Sequence[Piece]) -> Dict[Tuple[str, int], List[memoryview]]:
+        remote = [[s for s in piece.sources if is_remote(s.path)] for piece in batch]
+        data = iter(read_remote_many(self.storage, [(s.path, s.start, s.end, s.version)
+                                                    for sources in remote for s in sources]))
+        return {_key(piece): [next(data) for _ in sources] for piece, sources in zip(batch, remote)}
+
+    def _fetch(self, piece: Piece) -> List[memoryview]:
+        key = _key(piece)
         ahead = self._ahead.pop(key, None)
-        if ahead is not None:
-            return ahead.result()
-        return read_remote_many(self.storage, [(s.path, s.start, s.end, s.version) for s in sources])
+        if ahead is None:
+            ahead = Future()
+            batch = self._batch(piece)
+            ahead.set_result(self._fetch_batch(batch))
+            for member in batch[1:]:
+                self._ahead[_key(member)] = ahead
+        return ahead.result().pop(key)
 
     def tensors(self, piece: Piece) -> List[torch.Tensor]:
         """The piece's rows of every input, in their stored dtype: remote ranges fetched
@@ -140,11 +182,11 @@ class InputReader:
         meta = piece.meta
         key = _key(piece)
         first = key not in self._seen
+        fetch = self._needs_fetch(piece)
         self._seen.add(key)
         rows = meta.row_end - meta.row_start
         shape = (rows, *meta.shape[1:]) if meta.shape else ()
-        fetch = [s for s in piece.sources if is_remote(s.path)] if first or not self.keep else []
-        fetched = iter(self._fetch(key, fetch) if fetch else ())
+        fetched = iter(self._fetch(piece) if fetch else ())
         tensors = []
         for i, source in enumerate(piece.sources):
             dtype = SAFETENSORS_TO_TORCH[source.dtype]
@@ -283,7 +325,7 @@ def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     clocks = _clocks()
     torch.set_num_threads(threads)
     method = get_method(method_name)
-    with InputReader(storage, allow_nonfinite, keep=unit.streamed) as reader:
+    with InputReader(storage, allow_nonfinite, keep=unit.streamed, order=unit.pieces) as reader:
         results = _merged_pieces(unit, method, carries, reader)
         for chunk in unit.chunks:
             out = np.empty(sum(p.out_nbytes for p in chunk), dtype=np.uint8)

@@ -10,7 +10,7 @@ import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from distmerge.errors import InputError
 from distmerge.io.header import TensorInfo, read_header
@@ -62,6 +62,14 @@ class ModelFiles:
     def __init__(self, root: str, storage: Storage) -> None:
         self.root = root
         self.fs = storage.filesystem(root)
+        self._names: Optional[Set[str]] = None
+
+    def has(self, name: str) -> bool:
+        """Whether the model directory holds `name`, from one listing of it (kept): a
+        request per file asked about would cost a round trip each on object storage."""
+        if self._names is None:
+            self._names = set(self.list_names())
+        return name in self._names
 
     def url(self, name: str) -> str:
         return join(self.root, name)

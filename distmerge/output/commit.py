@@ -1,11 +1,17 @@
 """Commit a finished checkpoint: config.json, tokenizer files, chat template and model card,
-then the index, last. A destination without the index is visibly incomplete."""
+then the index, last. A destination without the index is visibly incomplete.
+
+The companion files are read from their donors and written concurrently (each is a
+round trip or two on object storage); which donor files exist comes from one listing
+of each donor directory.
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional
 
 import yaml
 
@@ -16,6 +22,7 @@ from distmerge.output import resume
 from distmerge.output.destination import COMPANION_FILES, TOKENIZER_FILES, Destination
 from distmerge.planner import MergePlan
 
+COMMIT_THREADS = 8  # companion files written at once
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -70,8 +77,7 @@ def stacked_config(plan: MergePlan, model_config: dict) -> dict:
     def source_config(index: int) -> dict:
         if index not in configs:
             files = ModelFiles(plan.checkpoints[index].path, plan.config.storage)
-            url = files.url("config.json")
-            configs[index] = json.loads(files.read(url)) if files.exists(url) else {}
+            configs[index] = json.loads(files.read(files.url("config.json"))) if files.has("config.json") else {}
         return configs[index]
 
     out = dict(model_config, **{count_key: len(plan.layer_sources)})
@@ -113,28 +119,58 @@ def _chat_template_text(plan: MergePlan) -> Optional[str]:
     for ckpt in plan.checkpoints:
         files = ModelFiles(ckpt.path, plan.config.storage)
         template = None
-        jinja = files.url("chat_template.jinja")
-        if files.exists(jinja):
-            template = files.read(jinja).decode()
-        else:
-            config_url = files.url("tokenizer_config.json")
-            if files.exists(config_url):
-                template = json.loads(files.read(config_url)).get("chat_template")
+        if files.has("chat_template.jinja"):
+            template = files.read(files.url("chat_template.jinja")).decode()
+        elif files.has("tokenizer_config.json"):
+            template = json.loads(files.read(files.url("tokenizer_config.json"))).get("chat_template")
         if isinstance(template, str) and template.strip():
             found.append(template.strip())
     return Counter(found).most_common(1)[0][0] if found else None
 
 
-def _write_chat_template(plan: MergePlan, dest: Destination, donor: ModelFiles) -> None:
-    """Set the chat template: chat_template.jinja, and the field in tokenizer_config.json."""
+def _chat_template_files(plan: MergePlan, donor: ModelFiles) -> Dict[str, Callable[[], bytes]]:
+    """The chat template to set: chat_template.jinja, and the field in tokenizer_config.json."""
     template = _chat_template_text(plan)
     if template is None:
-        return
-    dest.write("chat_template.jinja", template.encode())
-    config_url = donor.url("tokenizer_config.json")
-    tokenizer_config = json.loads(donor.read(config_url)) if donor.exists(config_url) else {}
-    tokenizer_config["chat_template"] = template
-    dest.write("tokenizer_config.json", (json.dumps(tokenizer_config, indent=2) + "\n").encode())
+        return {}
+
+    def tokenizer_config() -> bytes:
+        config = json.loads(donor.read(donor.url("tokenizer_config.json"))) if donor.has("tokenizer_config.json") else {}
+        config["chat_template"] = template
+        return (json.dumps(config, indent=2) + "\n").encode()
+
+    return {"chat_template.jinja": template.encode, "tokenizer_config.json": tokenizer_config}
+
+
+def companion_files(plan: MergePlan) -> Dict[str, Callable[[], bytes]]:
+    """Every file the checkpoint gets besides its shards and index: name -> its final bytes
+    (read from a donor when called)."""
+    source = _metadata_donor(plan)
+    files: Dict[str, Callable[[], bytes]] = {}
+    if source.has("config.json"):
+        def model_config() -> bytes:
+            config = json.loads(source.read(source.url("config.json")))
+            if plan.layer_sources:
+                config = stacked_config(plan, config)
+            dtype_name = _output_dtype_name(plan)
+            if dtype_name:
+                config["torch_dtype"] = dtype_name
+                if "dtype" in config:
+                    config["dtype"] = dtype_name
+            return (json.dumps(config, indent=2) + "\n").encode()
+
+        files["config.json"] = model_config
+    tokenizer_donor = _tokenizer_donor(plan)
+    for name in COMPANION_FILES:
+        donor = tokenizer_donor if name in TOKENIZER_FILES else source
+        if donor.has(name) and name != "mergekit_config.yml":
+            files[name] = lambda donor=donor, name=name: donor.read(donor.url(name))
+    if plan.config.chat_template:
+        files.update(_chat_template_files(plan, tokenizer_donor))
+    files["mergekit_config.yml"] = lambda: (card_config_text(plan) + "\n").encode()
+    files["README.md"] = lambda: model_card(plan).encode()
+    return files
+
 
 
 def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[dict] = None,
@@ -143,28 +179,10 @@ def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[di
 
     The shards' checksums go into the index metadata, for `distmerge verify`.
     """
-    source = _metadata_donor(plan)
-    config_url = source.url("config.json")
-    if source.exists(config_url):
-        model_config = json.loads(source.read(config_url))
-        if plan.layer_sources:
-            model_config = stacked_config(plan, model_config)
-        dtype_name = _output_dtype_name(plan)
-        if dtype_name:
-            model_config["torch_dtype"] = dtype_name
-            if "dtype" in model_config:
-                model_config["dtype"] = dtype_name
-        dest.write("config.json", (json.dumps(model_config, indent=2) + "\n").encode())
-    tokenizer_donor = _tokenizer_donor(plan)
-    for name in COMPANION_FILES:
-        donor = tokenizer_donor if name in TOKENIZER_FILES else source
-        url = donor.url(name)
-        if donor.exists(url) and name != "mergekit_config.yml":
-            dest.write(name, donor.read(url))
-    if plan.config.chat_template:
-        _write_chat_template(plan, dest, tokenizer_donor)
-    dest.write("mergekit_config.yml", (card_config_text(plan) + "\n").encode())
-    dest.write("README.md", model_card(plan).encode())
+    files = companion_files(plan)
+    with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as pool:
+        for _ in pool.map(lambda item: dest.write(item[0], item[1]()), files.items()):
+            pass
     extra = {"distmerge_checksums": checksums, "distmerge_checksum_algorithm": checksum_algorithm} if checksums else {}
     extra[resume.INDEX_FINGERPRINTS] = resume.request_fingerprints(plan)
     dest.write(INDEX_NAME, plan.layout.index_json(extra).encode())
