@@ -9,7 +9,8 @@ synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each 
    one `fs.cat` of all of them (concurrent GETs; the headline figure) and once with
    `fs.cat_file` one object at a time. Each is run `--raw-reads` times; the best counts.
 2. the merge's own reads against the same server, without Ray or compute: the plan's byte
-   ranges cut into the GETs distmerge issues (<= 8 MiB each), replayed once all at once with
+   ranges, adjacent ones of each unit joined and cut into the GETs distmerge issues (<= 8 MiB
+   each), replayed once all at once with
    s3fs `cat_ranges`, and once through distmerge's `read_remote_many` from --num-workers threads.
    These separate the server's per-request cost from the merge's.
 3. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
@@ -18,8 +19,10 @@ synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each 
 4. s3 -> local merge: the config over the s3:// models, output to local disk;
 5. s3 -> s3 merge: the config over the s3:// models, output to s3://BUCKET/out/...
 
-The headline ratios are the s3 -> local and s3 -> s3 wall times over the local -> local one
-(issue 11's goals: within 1.2x and 1.4x).
+Steps 3-5 run in `--rounds` rounds (default 3), the three merges one after the other in
+each. The ratios are each round's s3 -> local and s3 -> s3 wall times over its local ->
+local one; the headline is their median (issue 11's goals: within 1.2x and 1.4x), with
+every round's ratio beside it. The other figures come from the median run of each kind.
 
 Both merges run as a user would run them, as subprocesses,
 
@@ -96,8 +99,35 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2, metavar="N", help="distmerge --num-workers (default: 2)")
     p.add_argument("--raw-reads", type=int, default=2, metavar="N",
                    help="times each raw read is repeated; the best counts (default: 2)")
+    p.add_argument("--rounds", type=int, default=3, metavar="N",
+                   help="rounds of the three merges (local -> local, s3 -> local, s3 -> s3, one after the other); "
+                        "the ratios are each round's, the headline their median (default: 3)")
     p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     return p.parse_args(argv)
+
+
+def median_run(runs: List[Result]) -> Result:
+    """The run with the median wall time (the lower middle one of an even count); a failed run if any failed."""
+    failed = [r for r in runs if r.returncode != 0]
+    if failed:
+        return failed[0]
+    return sorted(runs, key=lambda r: r.wall_s)[(len(runs) - 1) // 2]
+
+
+def round_ratios(rounds: List[Tuple[Result, Result, Result]]) -> Dict[str, List[float]]:
+    """Each round's s3 -> local and s3 -> s3 wall times over its local -> local one."""
+    ok = [r for r in rounds if all(x.returncode == 0 for x in r)]
+    return {"s3_local": [s3_local.wall_s / local.wall_s for local, s3_local, _ in ok],
+            "s3_s3": [s3.wall_s / local.wall_s for local, _, s3 in ok]}
+
+
+def describe_ratios(ratios: List[float], goal: float) -> str:
+    if not ratios:
+        return ""
+    ordered = sorted(ratios)
+    middle = ordered[(len(ordered) - 1) // 2]
+    spread = f", rounds {' / '.join(f'{r:.2f}' for r in ratios)}" if len(ratios) > 1 else ""
+    return f"{middle:.2f} x local -> local, median (goal: {goal}){spread}"
 
 
 # --- the S3 server --------------------------------------------------------------------------------------
@@ -151,17 +181,14 @@ def raw_read(fs, urls: List[str], concurrent: bool) -> Tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def plan_reads(merge_plan) -> List[Tuple[str, int, int, str]]:
-    """The plan's input reads, (url, start, end, version), in unit order, repeated for statistics passes."""
-    return [read for unit in merge_plan.units for read in plan_reads_of_unit(merge_plan, unit)]
+def ranged_gets(merge_plan) -> List[Tuple[str, int, int]]:
+    """About the GETs a merge makes: each unit's reads with adjacent ranges of one object
+    joined (distmerge.io.remote's `coalesce`; a worker joins them a batch of up to
+    FETCH_BATCH_BYTES at a time), cut at distmerge's chunk size (`_chunks`)."""
+    from distmerge.io.remote import CHUNK_BYTES, coalesce
 
-
-def ranged_gets(reads: List[Tuple[str, int, int, str]]) -> List[Tuple[str, int, int]]:
-    """The GETs those reads become: each range cut at distmerge's chunk size (distmerge.io.remote's `_chunks`)."""
-    from distmerge.io.remote import CHUNK_BYTES
-
-    return [(url, a, min(end, a + CHUNK_BYTES)) for url, start, end, _ in reads
-            for a in range(start, end, CHUNK_BYTES)]
+    spans = [span for unit in merge_plan.units for span in coalesce(plan_reads_of_unit(merge_plan, unit))[0]]
+    return [(url, a, min(end, a + CHUNK_BYTES)) for url, start, end, _ in spans for a in range(start, end, CHUNK_BYTES)]
 
 
 def replay_cat_ranges(fs, gets: List[Tuple[str, int, int]]) -> Tuple[int, float]:
@@ -343,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         best = {kind: min(runs, key=lambda r: r[1]) for kind, runs in raw.items()}
 
         # The merge's own GETs against the same server, without Ray or compute.
-        gets = ranged_gets(plan_reads(s3_plan))
+        gets = ranged_gets(s3_plan)
         print(f"the merge's reads: {len(gets)} ranged GETs of {format_bytes(needed)} "
               f"(mean {format_bytes(needed / max(1, len(gets)))}) on {len({g[0] for g in gets})} objects",
               flush=True)
@@ -367,16 +394,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         fixed_s = tiny.wall_s if tiny.returncode == 0 else 0.0
 
         # The local inputs are warm in the page cache: they were just written, uploaded, or read here.
+        # Rounds of the three merges, one after the other, so that each ratio compares runs made
+        # seconds apart (this VM's speed drifts by tens of percent over minutes).
         read_files(files)
-        shutil.rmtree(out_local, ignore_errors=True)
-        local = run_merge("local -> local", distmerge_cmd + ["merge", local_cfg, out_local] + common_flags)
         out_s3_local = os.path.join(root, "out-s3-local")
-        shutil.rmtree(out_s3_local, ignore_errors=True)
-        s3_local = run_merge("s3 -> local", distmerge_cmd + ["merge", s3_cfg, out_s3_local, "--storage-options",
-                                                             json.dumps(options)] + common_flags)
         out_s3 = f"s3://{BUCKET}/out/s3-to-s3"
-        s3 = run_merge("s3 -> s3", distmerge_cmd + ["merge", s3_cfg, out_s3, "--storage-options",
-                                                    json.dumps(options)] + common_flags)
+        storage_flags = ["--storage-options", json.dumps(options)]
+        rounds: List[Tuple[Result, Result, Result]] = []
+        for r in range(max(1, args.rounds)):
+            of = f", round {r + 1} of {args.rounds}" if args.rounds > 1 else ""
+            for out in (out_local, out_s3_local):
+                shutil.rmtree(out, ignore_errors=True)
+            rounds.append((
+                run_merge(f"local -> local{of}", distmerge_cmd + ["merge", local_cfg, out_local] + common_flags),
+                run_merge(f"s3 -> local{of}",
+                          distmerge_cmd + ["merge", s3_cfg, out_s3_local] + storage_flags + common_flags),
+                run_merge(f"s3 -> s3{of}", distmerge_cmd + ["merge", s3_cfg, out_s3] + storage_flags + common_flags),
+            ))
+        local, s3_local, s3 = (median_run([r[k] for r in rounds]) for k in range(3))
+        ratios = round_ratios(rounds)
         comparison = None
         leftover_uploads = None
         if local.returncode == 0 and s3.returncode == 0:
@@ -409,13 +445,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("s3 -> s3 merge throughput", f"{format_bytes(s3_rate)}/s" if s3_rate else "FAILED",
          "plan bytes / wall time of `distmerge merge`" if s3_rate else f"exit {s3.returncode}"),
         ("ratio merge / raw", f"{s3_rate / raw_rate:.3f}" if s3_rate else "-", ""),
-        ("local -> local wall time", f"{local.wall_s:.1f} s" if ok_local else "FAILED",
+        ("local -> local wall time, median", f"{local.wall_s:.1f} s" if ok_local else "FAILED",
          f"{format_bytes(local_rate)}/s of plan bytes" if local_rate else f"exit {local.returncode}"),
-        ("s3 -> local wall time", f"{s3_local.wall_s:.1f} s" if s3_local.returncode == 0 else "FAILED",
-         f"{s3_local.wall_s / local.wall_s:.2f} x local -> local (goal: 1.2)"
-         if s3_local.returncode == 0 and ok_local else ""),
-        ("s3 -> s3 wall time", f"{s3.wall_s:.1f} s" if ok_s3 else "FAILED",
-         f"{s3.wall_s / local.wall_s:.2f} x local -> local (goal: 1.4)" if ok_s3 and ok_local else ""),
+        ("s3 -> local wall time, median", f"{s3_local.wall_s:.1f} s" if s3_local.returncode == 0 else "FAILED",
+         describe_ratios(ratios["s3_local"], 1.2)),
+        ("s3 -> s3 wall time, median", f"{s3.wall_s:.1f} s" if ok_s3 else "FAILED",
+         describe_ratios(ratios["s3_s3"], 1.4)),
     ]
     print(format_table(headline))
     print("details:")
@@ -475,8 +510,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
         "fixed_cost_merges": [r.to_json() for r in tinies], "fixed_cost_s": fixed_s,
         "local_merge": local.to_json(), "s3_local_merge": s3_local.to_json(), "s3_merge": s3.to_json(),
-        "ratio_s3_local_over_local": s3_local.wall_s / local.wall_s if s3_local.returncode == 0 else None,
-        "ratio_s3_s3_over_local": s3.wall_s / local.wall_s if s3.returncode == 0 else None,
+        "rounds": [{"local": a.wall_s, "s3_local": b.wall_s, "s3_s3": c.wall_s} for a, b, c in rounds],
+        "round_ratios": ratios,
+        "ratio_s3_local_over_local": sorted(ratios["s3_local"])[(len(ratios["s3_local"]) - 1) // 2]
+        if ratios["s3_local"] else None,
+        "ratio_s3_s3_over_local": sorted(ratios["s3_s3"])[(len(ratios["s3_s3"]) - 1) // 2] if ratios["s3_s3"] else None,
         "local_summary": local_summary, "s3_summary": s3_summary,
         "comparison": comparison, "leftover_multipart_uploads": leftover_uploads,
     })
