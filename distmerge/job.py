@@ -107,6 +107,18 @@ class MergeSummary:
         return f"time: {at}; {took}{cpu}"
 
 
+def fit_shared_memory(size: int) -> int:
+    """`size`, or 80% of /dev/shm's free room where that is less: a Ray object store larger
+    than the room would live in /tmp, on disk. Left as is where /dev/shm is missing or has
+    room for less than 512 MiB (Ray then uses /tmp, and says so)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return size
+    room = int(stats.f_bavail * stats.f_frsize * 0.8)
+    return min(size, room) if room >= 512 * 2**20 else size
+
+
 def as_config(config: Union[str, os.PathLike, MergeConfig],
               storage_options: Optional[Mapping[str, Any]] = None) -> MergeConfig:
     loaded = config if isinstance(config, MergeConfig) else load_config(os.fspath(config))
@@ -222,8 +234,8 @@ class MergeJob:
     # -- run ---------------------------------------------------------------------------------
 
     def object_store_bytes(self) -> int:
-        """Object store a local Ray needs for this merge's results in flight."""
-        return int(min(max(2 * self._max_in_flight_bytes(), 512 * 2**20), 8 * 2**30))
+        """Object store a local Ray needs for this merge's results in flight, within /dev/shm's room."""
+        return fit_shared_memory(int(min(max(2 * self._max_in_flight_bytes(), 512 * 2**20), 8 * 2**30)))
 
     def _max_in_flight_bytes(self, workers: Optional[int] = None) -> int:
         largest_output = max(u.out_bytes for u in self.plan.units)

@@ -150,3 +150,24 @@ def test_ray_listens_on_loopback_only(ray_local, config_path, tmp_path):
     dashboards = [p for p in psutil.Process().children(recursive=True)
                   if any("dashboard" in part for part in p.cmdline())]
     assert dashboards and all(p.environ().get("RAY_USAGE_STATS_ENABLED") == "0" for p in dashboards)
+
+
+def test_object_store_fits_in_shared_memory(monkeypatch):
+    """A local Ray's object store is cut to 80% of /dev/shm's free room (beyond it, Ray
+    would put the store in /tmp, on disk), and left alone where that is under 512 MiB."""
+    from distmerge import job
+
+    def shm_with(free: int):
+        monkeypatch.setattr(job.os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 0, 0, free // 4096,
+                                                                               0, 0, 0, 0, 255)))
+
+    shm_with(20 * 2**30)
+    assert job.fit_shared_memory(8 * 2**30) == 8 * 2**30
+    shm_with(5 * 2**30)
+    assert job.fit_shared_memory(8 * 2**30) == 4 * 2**30
+    shm_with(700 * 2**20)
+    assert job.fit_shared_memory(8 * 2**30) == 560 * 2**20
+    shm_with(600 * 2**20)  # room for less than 512 MiB: Ray's own fallback to /tmp decides
+    assert job.fit_shared_memory(8 * 2**30) == 8 * 2**30
+    shm_with(64 * 2**20)  # Docker's default: Ray uses /tmp whatever we ask
+    assert job.fit_shared_memory(8 * 2**30) == 8 * 2**30
