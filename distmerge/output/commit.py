@@ -135,7 +135,8 @@ def _chat_template_files(plan: MergePlan, donor: ModelFiles) -> Dict[str, Callab
         return {}
 
     def tokenizer_config() -> bytes:
-        config = json.loads(donor.read(donor.url("tokenizer_config.json"))) if donor.has("tokenizer_config.json") else {}
+        name = "tokenizer_config.json"
+        config = json.loads(donor.read(donor.url(name))) if donor.has(name) else {}
         config["chat_template"] = template
         return (json.dumps(config, indent=2) + "\n").encode()
 
