@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -322,5 +323,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The `distmerge` command: `main`, then exit without the interpreter's last garbage
+    collections over every object torch and Ray created (about 0.3 s of a command's
+    exit). Refcounting still frees what it frees, and exit handlers still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -118,6 +118,14 @@ def test_cli_help_lists_every_option():
         assert option in text
 
 
+def test_command_exit_status_is_mains(tmp_path):
+    """The `distmerge` command (`console_main`, which skips the interpreter's last
+    collections) exits with main's status: 2 and the error for a config that is not there."""
+    proc = subprocess.run([sys.executable, "-m", "distmerge.cli", "plan", str(tmp_path / "missing.yml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing.yml" in proc.stderr
+
+
 def test_demo_command_runs_a_real_ties_merge(tmp_path):
     """`distmerge demo` as a user runs it: its own local Ray, then a TIES merge we check."""
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
