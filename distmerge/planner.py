@@ -476,7 +476,7 @@ def _cut_pieces(config: MergeConfig, specs: Sequence[TensorSpec], checkpoints: S
     for spec in specs:
         shape = spec.shape
         n_models = len(spec.infos) - (1 if spec.with_base else 0)
-        # Remote inputs count twice: a task holds the next piece's fetched bytes while it computes.
+        # Remote inputs count twice: a task holds the next piece's (or batch's) fetched bytes while it computes.
         input_copies = 2 if any(is_remote(i.path) for i in spec.infos) else 1
         per_element = (method.working_set_factor(n_models) * spec.dtype.itemsize
                        + input_copies * sum(i.nbytes for i in spec.infos) / max(1, spec.numel)
