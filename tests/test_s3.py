@@ -444,13 +444,13 @@ def test_coalesced_spans_cover_each_request_exactly(requests):
     assert coalesce(chain[::-1])[0] == [("s3://b/x", 0, 50, "v")]
 
 
-def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path):
-    """A unit of many small pieces is fetched a batch at a time, adjacent tensors of one
-    object in one GET: fewer requests than ranges, every byte once, the same tensors as
-    the local files."""
-    from distmerge.engine.worker import InputReader
+@pytest.mark.parametrize("batch_pieces", [None, 3], ids=["one-batch", "batches-of-3-pieces"])
+def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path, monkeypatch, batch_pieces):
+    """A unit of many small pieces is fetched a batch at a time, at most one batch ahead of
+    the piece computing, adjacent tensors of one object in one GET: fewer requests than
+    ranges, every byte once, the same tensors as the local files."""
+    from distmerge.engine import worker
     from distmerge.io.remote import coalesce
-    from distmerge.planner import FETCH_BATCH_BYTES
 
     paths, urls, _ = s3_models
     s3_plan = distmerge.plan(_config(tmp_path, urls, "s3.yml"), storage_options=s3.options)
@@ -458,18 +458,26 @@ def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path):
     index = max(range(len(s3_plan.units)), key=lambda u: len(s3_plan.units[u].pieces))
     unit, local_unit = s3_plan.units[index], local_plan.units[index]
     sources = [(s.path, s.start, s.end, s.version) for p in unit.pieces for s in p.sources]
-    assert len(unit.pieces) >= 4 and sum(b - a for _, a, b, _ in sources) <= FETCH_BATCH_BYTES
+    assert len(unit.pieces) >= 4 and sum(b - a for _, a, b, _ in sources) <= worker.FETCH_BATCH_BYTES
+    if batch_pieces:  # a smaller batch, so that the unit takes several
+        monkeypatch.setattr(worker, "FETCH_BATCH_BYTES", max(worker._remote_bytes(p) for p in unit.pieces)
+                            * batch_pieces)
     s3.proxy.reset()
-    with InputReader(s3_plan.config.storage, order=unit.pieces) as reader:
+    with worker.InputReader(s3_plan.config.storage, order=unit.pieces) as reader:
         fetched = []
         for k, piece in enumerate(unit.pieces):
             fetched.append([t.clone() for t in reader.tensors(piece)])
             if k + 1 < len(unit.pieces):
                 reader.prefetch(unit.pieces[k + 1])
+            ahead = {id(f) for f in reader._ahead.values()} - {id(reader._consuming)}
+            assert len(ahead) <= 1, f"{len(ahead)} batches fetched ahead of piece {k}"
     gets = [path for method, path in s3.proxy.requests if method == "GET"]
-    assert len(gets) == len(coalesce(sources)[0]) < len(sources)
+    if batch_pieces:
+        assert len(coalesce(sources)[0]) < len(gets) < len(sources)
+    else:
+        assert len(gets) == len(coalesce(sources)[0]) < len(sources)
     assert s3.proxy.get_bytes == sum(b - a for _, a, b, _ in sources)
-    local = InputReader(local_plan.config.storage)
+    local = worker.InputReader(local_plan.config.storage)
     for piece, tensors in zip(local_unit.pieces, fetched):
         assert all(torch.equal(a, b) for a, b in zip(local.tensors(piece), tensors))
 
@@ -486,3 +494,39 @@ def test_remote_reads_of_overlapping_empty_and_repeated_ranges(s3, s3_models):
     ranges = [(0, 100), (100, 300), (50, 150), (300, 300), (0, 100), (len(data) - 10, len(data))]
     got = read_remote_many(Storage(s3.options), [(url, a, b, version) for a, b in ranges])
     assert [bytes(g) for g in got] == [data[a:b] for a, b in ranges]
+
+
+def test_a_server_that_ignores_ranges_is_refused(s3, s3_models):
+    """A 200 with the whole object (a server or proxy that ignores Range) is an error that
+    names the object, not bytes from the wrong offset."""
+    from distmerge.io.remote import read_remote_many
+
+    paths, urls, _ = s3_models
+    name = sorted(n for n in os.listdir(paths[0]) if n.endswith(".safetensors"))[0]
+    url = f"{urls[0]}/{name}"
+    version = s3.filesystem().info(url)["ETag"]
+    s3.proxy.fault = lambda method, path, headers: (200, b"\0" * 1000) if method == "GET" and headers.get(
+        "Range") else None
+    try:
+        with pytest.raises(InputError, match=rf"{name}: asked for bytes 100-150, the server answered with 1000"):
+            read_remote_many(Storage(s3.options), [(url, 100, 150, version)])
+    finally:
+        s3.proxy.fault = None
+
+
+def test_a_model_wide_group_in_one_unit_is_fetched_once(ray_local, s3, s3_models, tmp_path):
+    """`density_scope: model` over a model that fits in one unit: the task runs every phase
+    over the pieces, and fetches each remote byte once all the same (a scratch copy)."""
+    paths, urls, _ = s3_models
+    configs = [write_yaml(str(tmp_path / f"{name}.yml"), ties_config(models, densities=(0.3, 0.5, 0.7),
+                                                                    extra={"density_scope": "model"}))
+               for name, models in (("s3", urls), ("local", paths))]
+    plan = distmerge.plan(configs[0], storage_options=s3.options)
+    group = plan.groups["<model>"]
+    assert len(plan.units) == 1 and not group.distributed and len(group.pieces) > 1
+    needed = sum(plan.read_bytes_by_input())
+    s3.proxy.reset()
+    distmerge.merge(configs[0], str(tmp_path / "from-s3"), storage_options=s3.options, num_workers=2)
+    assert needed <= s3.proxy.get_bytes <= needed * 1.02 + 64 * 1024
+    distmerge.merge(configs[1], str(tmp_path / "local"), num_workers=2)
+    assert shard_bytes(str(tmp_path / "from-s3")) == shard_bytes(str(tmp_path / "local"))

@@ -115,6 +115,7 @@ class InputReader:
         self._position = {_key(p): i for i, p in enumerate(self._order)}
         # piece key -> the fetch of its batch: {piece key: its remote ranges' bytes}
         self._ahead: Dict[Tuple[str, int], Future] = {}
+        self._consuming: Optional[Future] = None  # the batch of the piece last loaded
 
     def __enter__(self) -> "InputReader":
         return self
@@ -134,6 +135,8 @@ class InputReader:
         batch ahead of the one being computed."""
         pending = self._ahead.get(_key(piece))
         if pending is not None:
+            if pending is not self._consuming:
+                return  # that batch is the one ahead already
             position = self._position.get(_key(piece), len(self._order))
             piece = next((p for p in self._order[position + 1:] if self._ahead.get(_key(p)) is not pending), None)
         if piece is None or not self._needs_fetch(piece) or _key(piece) in self._ahead:
@@ -174,6 +177,7 @@ class InputReader:
             ahead.set_result(self._fetch_batch(batch))
             for member in batch[1:]:
                 self._ahead[_key(member)] = ahead
+        self._consuming = ahead
         return ahead.result().pop(key)
 
     def tensors(self, piece: Piece) -> List[torch.Tensor]:
@@ -325,7 +329,7 @@ def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
     clocks = _clocks()
     torch.set_num_threads(threads)
     method = get_method(method_name)
-    with InputReader(storage, allow_nonfinite, keep=unit.streamed, order=unit.pieces) as reader:
+    with InputReader(storage, allow_nonfinite, keep=_loads_pieces_again(unit, carries), order=unit.pieces) as reader:
         results = _merged_pieces(unit, method, carries, reader)
         for chunk in unit.chunks:
             out = np.empty(sum(p.out_nbytes for p in chunk), dtype=np.uint8)
@@ -338,6 +342,15 @@ def merge_unit(unit: WorkUnit, method_name: str, carries: Sequence[Any], storage
             yield out
             del out
     yield _stats(reader.read_bytes, *clocks)
+
+
+def _loads_pieces_again(unit: WorkUnit, carries: Sequence[Any]) -> bool:
+    """Whether the task loads some piece more than once: a streamed unit, or a reduction
+    group of several pieces run whole here (e.g. a model-wide statistic of a model that fits
+    in one unit), whose every phase loads its pieces again."""
+    return unit.streamed or any(
+        isinstance(carry, str) and carry == WHOLE_GROUP and piece.group == following.group
+        for piece, carry, following in zip(unit.pieces, carries, unit.pieces[1:]))
 
 
 def _merged_pieces(unit: WorkUnit, method: MergeMethod, carries: Sequence[Any],

@@ -99,6 +99,11 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]
                     response = await fs._call_s3("get_object", **kwargs)
                 except Exception as err:  # noqa: BLE001 - mapped to an error naming the object
                     raise _read_error(url, a, b, err) from None
+                length = response.get("ContentLength")
+                if length is not None and length != b - a:  # e.g. a server that ignores Range
+                    response["Body"].close()
+                    raise InputError(f"{url}: asked for bytes {a}-{b}, the server answered with {length} "
+                                     "bytes (the storage must support ranged reads)")
                 try:  # a body cut off mid-transfer is retried here, with backoff
                     got = await _read_body_into(response["Body"], view[a - offset:b - offset])
                 except Exception as err:  # noqa: BLE001

@@ -20,6 +20,9 @@ SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access
                "password", "session_token", "secret_access_key", "access_key_id"}
 S3_ATTEMPTS = 5
 S3FS_RETRIES = 3
+# Connections an S3 client keeps (botocore's default is 10): the writer uploads 16 parts
+# at once (output.multipart.UPLOAD_THREADS), a worker fetches 8 ranges at once.
+S3_CONNECTIONS = 32
 _FILESYSTEMS: Dict[Tuple[str, str], Any] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 
@@ -103,6 +106,7 @@ class Storage:
             # Both can be set in the storage options (config_kwargs.retries, retries).
             config = dict(options.get("config_kwargs") or {})
             config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
+            config.setdefault("max_pool_connections", S3_CONNECTIONS)
             options["config_kwargs"] = config
             s3fs_retries = options.pop("retries", S3FS_RETRIES)
             if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
