@@ -106,12 +106,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def lower_median(values: list, key=None):
+    """The median of `values` (the lower middle one of an even count); None if there are none."""
+    return sorted(values, key=key)[(len(values) - 1) // 2] if values else None
+
+
 def median_run(runs: List[Result]) -> Result:
-    """The run with the median wall time (the lower middle one of an even count); a failed run if any failed."""
+    """The run with the median wall time; a failed run if any failed."""
     failed = [r for r in runs if r.returncode != 0]
-    if failed:
-        return failed[0]
-    return sorted(runs, key=lambda r: r.wall_s)[(len(runs) - 1) // 2]
+    return failed[0] if failed else lower_median(runs, key=lambda r: r.wall_s)
 
 
 def round_ratios(rounds: List[Tuple[Result, Result, Result]]) -> Dict[str, List[float]]:
@@ -124,8 +127,7 @@ def round_ratios(rounds: List[Tuple[Result, Result, Result]]) -> Dict[str, List[
 def describe_ratios(ratios: List[float], goal: float) -> str:
     if not ratios:
         return ""
-    ordered = sorted(ratios)
-    middle = ordered[(len(ordered) - 1) // 2]
+    middle = lower_median(ratios)
     spread = f", rounds {' / '.join(f'{r:.2f}' for r in ratios)}" if len(ratios) > 1 else ""
     return f"{middle:.2f} x local -> local, median (goal: {goal}){spread}"
 
@@ -512,9 +514,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "local_merge": local.to_json(), "s3_local_merge": s3_local.to_json(), "s3_merge": s3.to_json(),
         "rounds": [{"local": a.wall_s, "s3_local": b.wall_s, "s3_s3": c.wall_s} for a, b, c in rounds],
         "round_ratios": ratios,
-        "ratio_s3_local_over_local": sorted(ratios["s3_local"])[(len(ratios["s3_local"]) - 1) // 2]
-        if ratios["s3_local"] else None,
-        "ratio_s3_s3_over_local": sorted(ratios["s3_s3"])[(len(ratios["s3_s3"]) - 1) // 2] if ratios["s3_s3"] else None,
+        "ratio_s3_local_over_local": lower_median(ratios["s3_local"]),
+        "ratio_s3_s3_over_local": lower_median(ratios["s3_s3"]),
         "local_summary": local_summary, "s3_summary": s3_summary,
         "comparison": comparison, "leftover_multipart_uploads": leftover_uploads,
     })

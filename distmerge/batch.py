@@ -36,7 +36,7 @@ from distmerge.config import MergeConfig, load_config
 from distmerge.engine.session import ray_session
 from distmerge.errors import ConfigError, DistmergeError
 from distmerge.io.storage import Storage, is_remote, join, split_url
-from distmerge.job import MergeJob, MergeOptions, fit_shared_memory
+from distmerge.job import MergeJob, MergeOptions, object_store_size
 from distmerge.output.lock import OutputLocked
 
 STATUSES = ("skipped", "resumed", "merged", "failed", "locked")
@@ -172,8 +172,8 @@ class Batch:
     def _merge_all(self, to_merge: List[Tuple[RequestResult, MergeJob]]) -> None:
         """Merge in one Ray session: in this thread, or `parallel` at a time in threads (an
         interruption then interrupts every running merge, which keeps its work for a resume)."""
-        store = fit_shared_memory(min(sum(sorted((j.object_store_bytes() for _, j in to_merge),
-                                                 reverse=True)[:self.parallel]), 8 * 2**30))
+        store = object_store_size(sum(sorted((j.object_store_bytes() for _, j in to_merge),
+                                             reverse=True)[:self.parallel]))
         with contextlib.ExitStack() as session:
             try:
                 session.enter_context(ray_session(self.options.address, to_merge[0][1].workers, store))

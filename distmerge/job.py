@@ -107,6 +107,12 @@ class MergeSummary:
         return f"time: {at}; {took}{cpu}"
 
 
+def object_store_size(needed: int) -> int:
+    """A local Ray's object store for `needed` bytes of results in flight: 512 MiB to
+    8 GiB, within /dev/shm's room (`fit_shared_memory`)."""
+    return fit_shared_memory(int(min(max(needed, 512 * 2**20), 8 * 2**30)))
+
+
 def fit_shared_memory(size: int) -> int:
     """`size`, or 80% of /dev/shm's free room where that is less: a Ray object store larger
     than the room would live in /tmp, on disk. Left as is where /dev/shm is missing or has
@@ -235,7 +241,7 @@ class MergeJob:
 
     def object_store_bytes(self) -> int:
         """Object store a local Ray needs for this merge's results in flight, within /dev/shm's room."""
-        return fit_shared_memory(int(min(max(2 * self._max_in_flight_bytes(), 512 * 2**20), 8 * 2**30)))
+        return object_store_size(2 * self._max_in_flight_bytes())
 
     def _max_in_flight_bytes(self, workers: Optional[int] = None) -> int:
         largest_output = max(u.out_bytes for u in self.plan.units)

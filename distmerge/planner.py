@@ -75,6 +75,11 @@ class Piece:
     memory: int  # estimated peak working bytes
     with_base: bool = True  # sources[0] is the base model, apart from the models merged
 
+    @property
+    def remote_bytes(self) -> int:
+        """Input bytes fetched from remote storage (not memory-mapped)."""
+        return sum(s.nbytes for s in self.sources if is_remote(s.path))
+
 
 @dataclass(frozen=True)
 class WorkUnit:
@@ -93,7 +98,7 @@ class WorkUnit:
 
     @property
     def remote_read_bytes(self) -> int:
-        return sum(s.nbytes for p in self.pieces for s in p.sources if is_remote(s.path))
+        return sum(p.remote_bytes for p in self.pieces)
 
     @property
     def out_bytes(self) -> int:

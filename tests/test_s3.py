@@ -460,7 +460,7 @@ def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path, m
     sources = [(s.path, s.start, s.end, s.version) for p in unit.pieces for s in p.sources]
     assert len(unit.pieces) >= 4 and sum(b - a for _, a, b, _ in sources) <= worker.FETCH_BATCH_BYTES
     if batch_pieces:  # a smaller batch, so that the unit takes several
-        monkeypatch.setattr(worker, "FETCH_BATCH_BYTES", max(worker._remote_bytes(p) for p in unit.pieces)
+        monkeypatch.setattr(worker, "FETCH_BATCH_BYTES", max(p.remote_bytes for p in unit.pieces)
                             * batch_pieces)
     s3.proxy.reset()
     with worker.InputReader(s3_plan.config.storage, order=unit.pieces) as reader:

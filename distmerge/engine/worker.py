@@ -8,6 +8,7 @@ groups run the whole protocol here, so the common case reads its inputs once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -86,10 +87,6 @@ def _key(piece: Piece) -> Tuple[str, int]:
     return piece.meta.tensor, piece.meta.row_start
 
 
-def _remote_bytes(piece: Piece) -> int:
-    return sum(s.nbytes for s in piece.sources if is_remote(s.path))
-
-
 class InputReader:
     """Loads pieces' input rows and counts the bytes read from the inputs' storage.
 
@@ -137,8 +134,7 @@ class InputReader:
         if pending is not None:
             if pending is not self._consuming:
                 return  # that batch is the one ahead already
-            position = self._position.get(_key(piece), len(self._order))
-            piece = next((p for p in self._order[position + 1:] if self._ahead.get(_key(p)) is not pending), None)
+            piece = next((p for p in self._following(piece) if self._ahead.get(_key(p)) is not pending), None)
         if piece is None or not self._needs_fetch(piece) or _key(piece) in self._ahead:
             return
         if self._fetcher is None:
@@ -148,15 +144,19 @@ class InputReader:
         for member in batch:
             self._ahead[_key(member)] = future
 
+    def _following(self, piece: Piece) -> Iterator[Piece]:
+        """The pieces after `piece` in `order` (none if it is not there)."""
+        return itertools.islice(self._order, self._position.get(_key(piece), len(self._order)) + 1, None)
+
     def _needs_fetch(self, piece: Piece) -> bool:
         return any(is_remote(s.path) for s in piece.sources) and not (self.keep and _key(piece) in self._seen)
 
     def _batch(self, piece: Piece) -> List[Piece]:
         """`piece`, then the pieces after it in `order` not fetched yet, while their remote
         bytes fit FETCH_BATCH_BYTES."""
-        batch, size = [piece], _remote_bytes(piece)
-        for following in self._order[self._position.get(_key(piece), len(self._order)) + 1:]:
-            size += _remote_bytes(following)
+        batch, size = [piece], piece.remote_bytes
+        for following in self._following(piece):
+            size += following.remote_bytes
             if size > FETCH_BATCH_BYTES or _key(following) in self._ahead or not self._needs_fetch(following):
                 break
             batch.append(following)

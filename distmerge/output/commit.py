@@ -173,7 +173,6 @@ def companion_files(plan: MergePlan) -> Dict[str, Callable[[], bytes]]:
     return files
 
 
-
 def commit_checkpoint(plan: MergePlan, dest: Destination, checksums: Optional[dict] = None,
                       checksum_algorithm: str = "") -> None:
     """Write config.json, tokenizer files and the model card, then the index (last).
