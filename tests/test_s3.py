@@ -56,14 +56,21 @@ def s3_models(s3, model_factory):
     return paths, _upload(s3, paths, bucket), bucket
 
 
+@pytest.fixture(params=["direct", "s3fs"])
+def read_options(request, s3):
+    """The storage options of each read path: distmerge's direct S3 client (io/s3_direct.py),
+    and s3fs's (`direct_reads: false`), which serves options only botocore understands."""
+    return s3.options if request.param == "direct" else {**s3.options, "direct_reads": False}
+
+
 def _config(tmp_path, model_urls, name="merge.yml"):
     return write_yaml(str(tmp_path / name), ties_config(model_urls, densities=(0.3, 0.5, 0.7)))
 
 
-def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_path):
+def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_path, read_options):
     paths, urls, bucket = s3_models
     local_cfg, s3_cfg = _config(tmp_path, paths, "local.yml"), _config(tmp_path, urls, "s3.yml")
-    opts = dict(storage_options=s3.options, shard_size="100KB", num_workers=2, memory_per_worker=256 * 1024)
+    opts = dict(storage_options=read_options, shard_size="100KB", num_workers=2, memory_per_worker=256 * 1024)
     distmerge.merge(local_cfg, str(tmp_path / "local"), **opts)
     expected = shard_bytes(str(tmp_path / "local"))
     assert len(expected) > 2
@@ -71,7 +78,7 @@ def test_s3_local_roundtrips_are_bit_identical(ray_local, s3, s3_models, tmp_pat
     distmerge.merge(s3_cfg, str(tmp_path / "from-s3"), **opts)
     assert shard_bytes(str(tmp_path / "from-s3")) == expected
     for name, cfg in (("to-s3", local_cfg), ("s3-to-s3", s3_cfg)):
-        out = f"s3://{bucket}/out/{name}"
+        out = f"s3://{bucket}/out/{tmp_path.name}/{name}"
         distmerge.merge(cfg, out, **opts)
         files = s3.filesystem().ls(out, detail=False, refresh=True)
         assert any(f.endswith("README.md") for f in files) and any(f.endswith("config.json") for f in files)
@@ -152,7 +159,7 @@ def test_failed_upload_leaves_no_parts_and_no_index(ray_local, s3, model_factory
     assert not [o["Key"] for o in listed if o["Key"].endswith((".json", ".safetensors"))]
 
 
-def test_input_changed_mid_merge_is_refused(ray_local, s3, model_factory, tmp_path):
+def test_input_changed_mid_merge_is_refused(ray_local, s3, model_factory, tmp_path, read_options):
     paths = model_factory(torch.bfloat16)
     bucket = _bucket(s3)
     urls = _upload(s3, paths, bucket)
@@ -172,21 +179,21 @@ def test_input_changed_mid_merge_is_refused(ray_local, s3, model_factory, tmp_pa
     s3.proxy.fault = replace_after_first_read
     try:
         with pytest.raises(MergeFailed, match="changed since the merge was planned"):
-            distmerge.merge(cfg, str(tmp_path / "out"), storage_options=s3.options, num_workers=1,
+            distmerge.merge(cfg, str(tmp_path / "out"), storage_options=read_options, num_workers=1,
                             memory_per_worker=32 * 1024)
     finally:
         s3.proxy.fault = None
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
-def test_planning_errors_name_the_object(s3, s3_models, tmp_path):
+def test_planning_errors_name_the_object(s3, s3_models, tmp_path, read_options):
     _, urls, bucket = s3_models
     missing_bucket = [urls[0].replace(bucket, "no-such-bucket-x")] + urls[1:]
     with pytest.raises(InputError, match="no-such-bucket-x"):
-        distmerge.plan(_config(tmp_path, missing_bucket), storage_options=s3.options)
+        distmerge.plan(_config(tmp_path, missing_bucket), storage_options=read_options)
     missing_object = urls[:2] + [f"s3://{bucket}/models/nothing-here"]
     with pytest.raises(InputError, match="models/nothing-here.*does not exist"):
-        distmerge.plan(_config(tmp_path, missing_object), storage_options=s3.options)
+        distmerge.plan(_config(tmp_path, missing_object), storage_options=read_options)
 
     def deny(method, path, headers):
         if "Credential=denied/" in headers.get("Authorization", ""):
@@ -196,7 +203,7 @@ def test_planning_errors_name_the_object(s3, s3_models, tmp_path):
     s3.proxy.fault = deny
     try:
         with pytest.raises(InputError, match="access denied") as info:
-            distmerge.plan(_config(tmp_path, urls), storage_options={**s3.options, "key": "denied",
+            distmerge.plan(_config(tmp_path, urls), storage_options={**read_options, "key": "denied",
                                                                     "secret": "hunter2-secret"})
     finally:
         s3.proxy.fault = None
@@ -215,7 +222,7 @@ def test_secrets_stay_out_of_the_model_card(ray_local, s3, s3_models, tmp_path):
     assert "endpoint_url" in card
 
 
-def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3_models, tmp_path):
+def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3_models, tmp_path, read_options):
     """503 SlowDown on some ranged GETs: retried, same bytes. 403 on data reads: fails, naming the object."""
     paths, urls, _ = s3_models
     cfg = _config(tmp_path, urls)
@@ -231,7 +238,7 @@ def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3
 
     s3.proxy.fault = throttle_some
     try:
-        distmerge.merge(cfg, str(tmp_path / "throttled"), storage_options=s3.options, num_workers=2)
+        distmerge.merge(cfg, str(tmp_path / "throttled"), storage_options=read_options, num_workers=2)
     finally:
         s3.proxy.fault = None
     assert len(throttled) == 6
@@ -245,14 +252,14 @@ def test_transient_errors_are_retried_permanent_ones_fail_fast(ray_local, s3, s3
     s3.proxy.fault = deny_data
     try:
         with pytest.raises(Exception) as info:
-            distmerge.merge(cfg, str(tmp_path / "denied"), storage_options=s3.options, num_workers=2)
+            distmerge.merge(cfg, str(tmp_path / "denied"), storage_options=read_options, num_workers=2)
     finally:
         s3.proxy.fault = None
     assert "ft3" in str(info.value)
     assert not (tmp_path / "denied" / "model.safetensors.index.json").exists()
 
 
-def test_dropped_connections_are_retried(ray_local, s3, s3_models, tmp_path):
+def test_dropped_connections_are_retried(ray_local, s3, s3_models, tmp_path, read_options):
     """Connections dropped before answering, and bodies cut mid-transfer, on ranged GETs and on
     part uploads: retried (bounded), and the output is the same bytes."""
     paths, urls, bucket = s3_models
@@ -282,19 +289,19 @@ def test_dropped_connections_are_retried(ray_local, s3, s3_models, tmp_path):
         return None
 
     s3.proxy.fault = flaky
-    out = f"s3://{bucket}/flaky"
+    out = f"s3://{bucket}/flaky/{tmp_path.name}"
     try:
-        distmerge.merge(cfg, out, storage_options=s3.options, num_workers=2, shard_size="100KB")
+        distmerge.merge(cfg, out, storage_options=read_options, num_workers=2, shard_size="100KB")
     finally:
         s3.proxy.fault = None
     assert faults == {"drop-header": 2, "drop-get": 3, "truncate-get": 3, "drop-part": 2}
     assert verify_checkpoint(out, against=str(tmp_path / "local"), storage=Storage(s3.options)).ok
 
 
-def test_unreachable_object_fails_after_bounded_attempts(ray_local, s3, s3_models, tmp_path):
+def test_unreachable_object_fails_after_bounded_attempts(ray_local, s3, s3_models, tmp_path, read_options):
     """Every data read of one input dropped: the merge gives up after the configured number
-    of attempts (s3fs tries x botocore attempts per request), naming the object, and
-    commits nothing."""
+    of attempts (s3fs's tries x botocore's attempts per request: `max_attempts` counts the
+    retries after the first), naming the object, and commits nothing."""
     _, urls, bucket = s3_models
     cfg = _config(tmp_path, urls)
     attempts = []
@@ -308,16 +315,19 @@ def test_unreachable_object_fails_after_bounded_attempts(ray_local, s3, s3_model
 
     s3.proxy.fault = always_drop
     out = f"s3://{bucket}/unreachable"
-    options = {**s3.options, "retries": 2, "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 2}}}
+    options = {**read_options, "retries": 2, "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 2}}}
     try:
         with pytest.raises(MergeFailed) as info:
             distmerge.merge(cfg, out, storage_options=options, num_workers=2)
     finally:
         s3.proxy.fault = None
-    assert "ft2" in str(info.value) and "ConnectionClosedError" in str(info.value)
-    # each failing range read: 2 s3fs tries x 2 botocore attempts, and aiohttp resends a
-    # request once or twice on a pooled connection closed under it: small and bounded
-    assert all(2 <= attempts.count(read) <= 16 for read in attempts), [(r, attempts.count(r)) for r in set(attempts)]
+    counts = {read: attempts.count(read) for read in attempts}
+    if read_options is s3.options:  # the direct client: exactly 2 tries x 3 attempts per read
+        assert "ft2" in str(info.value) and "GET failed 6 time(s), last: RemoteDisconnected" in str(info.value)
+        assert set(counts.values()) == {6}, counts
+    else:  # s3fs: aiohttp also resends a request on a pooled connection closed under it
+        assert "ft2" in str(info.value) and "ConnectionClosedError" in str(info.value)
+        assert all(2 <= n <= 18 for n in counts.values()), counts
     assert not s3.client().list_multipart_uploads(Bucket=bucket, Prefix="unreachable/").get("Uploads")
     listed = s3.client().list_objects_v2(Bucket=bucket, Prefix="unreachable/").get("Contents", [])
     assert not listed
@@ -482,7 +492,7 @@ def test_a_units_small_pieces_are_fetched_in_few_gets(s3, s3_models, tmp_path, m
         assert all(torch.equal(a, b) for a, b in zip(local.tensors(piece), tensors))
 
 
-def test_remote_reads_of_overlapping_empty_and_repeated_ranges(s3, s3_models):
+def test_remote_reads_of_overlapping_empty_and_repeated_ranges(s3, s3_models, read_options):
     from distmerge.io.remote import read_remote_many
 
     paths, urls, _ = s3_models
@@ -492,11 +502,11 @@ def test_remote_reads_of_overlapping_empty_and_repeated_ranges(s3, s3_models):
     url = f"{urls[0]}/{name}"
     version = s3.filesystem().info(url)["ETag"]
     ranges = [(0, 100), (100, 300), (50, 150), (300, 300), (0, 100), (len(data) - 10, len(data))]
-    got = read_remote_many(Storage(s3.options), [(url, a, b, version) for a, b in ranges])
+    got = read_remote_many(Storage(read_options), [(url, a, b, version) for a, b in ranges])
     assert [bytes(g) for g in got] == [data[a:b] for a, b in ranges]
 
 
-def test_a_server_that_ignores_ranges_is_refused(s3, s3_models):
+def test_a_server_that_ignores_ranges_is_refused(s3, s3_models, read_options):
     """A 200 with the whole object (a server or proxy that ignores Range) is an error that
     names the object, not bytes from the wrong offset."""
     from distmerge.io.remote import read_remote_many
@@ -509,7 +519,7 @@ def test_a_server_that_ignores_ranges_is_refused(s3, s3_models):
         "Range") else None
     try:
         with pytest.raises(InputError, match=rf"{name}: asked for bytes 100-150, the server answered with 1000"):
-            read_remote_many(Storage(s3.options), [(url, 100, 150, version)])
+            read_remote_many(Storage(read_options), [(url, 100, 150, version)])
     finally:
         s3.proxy.fault = None
 

@@ -246,7 +246,7 @@ def warm_up(storage: Storage, remote_urls: Sequence[str] = ()) -> int:
     first unit does not wait for them."""
     for url in remote_urls:
         try:
-            fs = storage.filesystem(url)
+            fs = storage.read_filesystem(url)  # the direct S3 client needs no warming
             connect = getattr(fs, "connect", None)
             if callable(connect):
                 connect()

@@ -57,11 +57,12 @@ def storage_error(url: str, err: BaseException) -> InputError:
 
 
 class ModelFiles:
-    """Metadata reads of one model's files through fsspec (local or remote)."""
+    """Metadata reads of one model's files through fsspec (local or remote; S3 through the
+    direct client where it serves the storage options)."""
 
     def __init__(self, root: str, storage: Storage) -> None:
         self.root = root
-        self.fs = storage.filesystem(root)
+        self.fs = storage.read_filesystem(root)
         self._names: Optional[Set[str]] = None
 
     def has(self, name: str) -> bool:

@@ -14,33 +14,29 @@ response bodies are read straight into it, and it is not zero-filled first.
 from __future__ import annotations
 
 import asyncio
-import random
-from typing import List, Sequence, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from distmerge.errors import InputError
+from distmerge.io.s3_direct import backoff, split_bucket
 from distmerge.io.storage import Storage, s3_error_code, split_url
 
 CHUNK_BYTES = 8 * 2**20
 CONCURRENT_REQUESTS = 8
 BODY_ATTEMPTS = 5
-BACKOFF_BASE = 0.1
-BACKOFF_CAP = 5.0
 TRANSIENT_ERRORS = {"ClientPayloadError", "ClientConnectionError", "ServerDisconnectedError", "IncompleteRead",
                     "IncompleteReadError",
                     "ConnectionError", "TimeoutError", "ReadTimeoutError", "ResponseStreamingError",
                     "ConnectionClosedError", "ProtocolError"}
-_JITTER = random.Random()
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
 
 
 def _chunks(start: int, end: int) -> List[Tuple[int, int]]:
     return [(a, min(end, a + CHUNK_BYTES)) for a in range(start, end, CHUNK_BYTES)]
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to wait before retry `attempt + 1`: exponential, capped, with jitter."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + _JITTER.random() / 2)
 
 
 def _transient(err: BaseException) -> bool:
@@ -125,6 +121,33 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]
     await asyncio.gather(*jobs)
 
 
+def _request_pool() -> ThreadPoolExecutor:
+    """This process's threads for concurrent direct GETs (http.client lets go of the GIL while it waits)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(CONCURRENT_REQUESTS, thread_name_prefix="s3-get")
+        return _POOL
+
+
+def _direct_read(client, requests: Sequence[Tuple[str, int, int, str, memoryview]]) -> None:
+    """Fetch every (url, start, end, etag, buffer) request with `io.s3_direct`, in chunks of
+    at most CHUNK_BYTES, CONCURRENT_REQUESTS at a time; retries are the client's."""
+
+    def one(url: str, etag: str, view: memoryview, offset: int, a: int, b: int) -> None:
+        try:
+            client.read_into(*split_bucket(url), a, view[a - offset:b - offset], etag)
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped to an error naming the object
+            raise _read_error(url, a, b, err) from err
+
+    jobs = [_request_pool().submit(one, url, etag, view, start, a, b)
+            for url, start, end, etag, view in requests for a, b in _chunks(start, end)]
+    for job in jobs:
+        job.result()
+
+
 Request = Tuple[str, int, int, str]  # (url, start, end, version)
 
 
@@ -162,10 +185,14 @@ def _read_spans(storage: Storage, requests: Sequence[Request]) -> List[memoryvie
     s3_requests = [(u, a, b, v, buf) for (u, a, b, v), buf in zip(requests, buffers)
                    if b > a and split_url(u)[0] == "s3"]
     if s3_requests:
-        from fsspec.asyn import sync
+        client = storage.direct_s3()
+        if client is not None:
+            _direct_read(client, s3_requests)
+        else:
+            from fsspec.asyn import sync
 
-        fs = storage.filesystem(s3_requests[0][0])
-        sync(fs.loop, _s3_read, fs, s3_requests)
+            fs = storage.filesystem(s3_requests[0][0])
+            sync(fs.loop, _s3_read, fs, s3_requests)
     for (url, start, end, version), buffer in zip(requests, buffers):
         if end > start and split_url(url)[0] != "s3":
             buffer[:] = _read_generic(storage, url, start, end, version)

@@ -24,6 +24,7 @@ S3FS_RETRIES = 3
 # at once (output.multipart.UPLOAD_THREADS), a worker fetches 8 ranges at once.
 S3_CONNECTIONS = 32
 _FILESYSTEMS: Dict[Tuple[str, str], Any] = {}
+_DIRECT: Dict[str, Any] = {}
 _FILESYSTEMS_LOCK = threading.Lock()
 
 
@@ -95,6 +96,28 @@ class Storage:
                 _FILESYSTEMS[cache_key] = self._new_filesystem(protocol)
             return _FILESYSTEMS[cache_key]
 
+    def direct_s3(self):
+        """This process's `io.s3_direct.DirectS3` client for reading s3:// URLs with these
+        options, or None where s3fs must serve them (an option only botocore understands)."""
+        cache_key = self.key()
+        with _FILESYSTEMS_LOCK:
+            if cache_key not in _DIRECT:
+                from distmerge.io.s3_direct import DirectS3
+
+                _DIRECT[cache_key] = DirectS3.from_options(self.options)
+            return _DIRECT[cache_key]
+
+    def read_filesystem(self, url: str):
+        """What answers metadata reads (info, exists, cat_file, ls) of `url`: the direct S3
+        client where it serves these options, else the fsspec filesystem."""
+        if split_url(url)[0] == "s3":
+            client = self.direct_s3()
+            if client is not None:
+                from distmerge.io.s3_direct import DirectS3Files
+
+                return DirectS3Files(client)
+        return self.filesystem(url)
+
     def _new_filesystem(self, protocol: str):
         import fsspec
 
@@ -108,6 +131,7 @@ class Storage:
             config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
             config.setdefault("max_pool_connections", S3_CONNECTIONS)
             options["config_kwargs"] = config
+            options.pop("direct_reads", None)  # ours: whether reads may bypass s3fs (io.s3_direct)
             s3fs_retries = options.pop("retries", S3FS_RETRIES)
             if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
                 raise ConfigError(f"storage.retries: must be a whole number of tries, at least 1 "
