@@ -69,14 +69,18 @@ What is measured and what is assumed:
   (as many as memory allows: --node-memory-gib [256], 30% kept for Ray's object store,
   --memory-per-worker per task) and `--num-workers` = nodes x slots (the default is the
   driver's CPU count, which would cap the whole cluster at 2 x that many units in
-  flight); NIC [10 Gb/s, full duplex]; per-node S3 GET rate [= NIC: s3fs with 8 concurrent
+  flight); NIC [10 Gb/s, full duplex]; per-node S3 GET rate [= NIC: 8 concurrent
   8 MiB ranged GETs per task, 32 tasks a node, is taken to reach line rate]; Ray object
   transfer between nodes [= NIC]; per-connection S3 PUT rate [90 MB/s, the order of AWS's
   per-request guidance; not verified here] and the writer's upload threads
   (`distmerge.output.multipart.UPLOAD_THREADS`); S3 request latency [50 ms; AWS quotes
   100-200 ms first-byte latency]; Ray start [10 s]; Ray task overhead [10 ms a task];
   S3 client CPU per byte = the measured AES-GCM + two copies (primitives only, without
-  Python/aiohttp overhead: a floor). Each node's memory is taken to hold its slots' units.
+  Python/aiohttp overhead: a floor). That is s3fs's path, which a cluster on AWS takes
+  when its credentials come from instance or pod roles; distmerge's direct read client
+  (static credentials; `distmerge/io/s3_direct.py`) decrypts straight into the fetch
+  buffer, one copy fewer, and planning through it is not held to s3fs's 10
+  connections. Each node's memory is taken to hold its slots' units.
 - not modelled: S3 throttling (3,500 PUT / 5,500 GET per second per prefix: the reads
   here are ~150 GET/s of 8 MiB per 10 Gb/s node, 2,400/s on 16 nodes), stragglers and retries, the writer's
   threads competing with 32 worker tasks for the driver node's cores (the writer actor
