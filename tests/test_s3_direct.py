@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from distmerge.errors import InputError
-from distmerge.io.s3_direct import DirectS3, DirectS3Files, S3AccessDenied, S3NotFound
+from distmerge.errors import ConfigError, InputError
+from distmerge.io.s3_direct import DirectS3, DirectS3Files, RetryBudget, S3AccessDenied, S3NotFound, _error
 from distmerge.io.storage import Storage, s3_error_code
 from s3util import error_xml
 
@@ -38,11 +38,14 @@ def bucket_with_objects(s3):
     ({"key": "k", "secret": "s", "client_kwargs": {"region_name": "eu-west-1"}}, {}, True),
     ({"anon": True, "endpoint_url": "http://127.0.0.1:9000"}, {}, True),
     ({"endpoint_url": "http://127.0.0.1:9000"}, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}, True),
-    ({}, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-west-2"}, True),
-    ({"key": "k", "secret": "s", "retries": 2, "config_kwargs": {"max_pool_connections": 4}}, {"AWS_REGION": "x-1"},
-     False),  # not a region of the aws partition: left to botocore
+    ({}, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-west-2"}, True),
+    ({"key": "k", "secret": "s", "client_kwargs": {"region_name": "us-gov-west-1"}}, {}, True),
+    ({"key": "k", "secret": "s", "endpoint_url": "http://h:1",
+      "config_kwargs": {"connect_timeout": 2, "read_timeout": 30, "max_pool_connections": 4}}, {}, True),
+    ({"key": "k", "secret": "s", "client_kwargs": {"region_name": "cn-north-1"}}, {}, False),  # amazonaws.com.cn
     ({"key": "k", "secret": "s"}, {}, False),  # AWS without a region: botocore finds it
-    ({}, {"AWS_REGION": "us-west-2"}, False),  # no static credentials: botocore's chain
+    ({"key": "k", "secret": "s"}, {"AWS_REGION": "us-west-2"}, False),  # botocore does not read AWS_REGION
+    ({}, {"AWS_DEFAULT_REGION": "us-west-2"}, False),  # no static credentials: botocore's chain
     ({"endpoint_url": "http://h:1"}, {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_PROFILE": "p"},
      False),
     ({"profile": "p", "endpoint_url": "http://h:1"}, {}, False),
@@ -50,34 +53,85 @@ def bucket_with_objects(s3):
     ({"key": "k", "secret": "s", "endpoint_url": "http://h:1", "config_kwargs": {"s3": {"addressing_style": "x"}}},
      {}, False),
     ({"key": "k", "secret": "s", "endpoint_url": "http://h:1"}, {"HTTPS_PROXY": "http://proxy:3128"}, False),
+    ({"key": "k", "secret": "s", "client_kwargs": {"region_name": "us-east-1"}}, {"AWS_USE_FIPS_ENDPOINT": "true"},
+     False),
+    ({"key": "k", "secret": "s", "client_kwargs": {"region_name": "us-east-1"}},
+     {"AWS_USE_DUALSTACK_ENDPOINT": "true"}, False),
+    ({"key": "k", "secret": "s", "endpoint_url": "http://[::1]:9000"}, {}, False),
     ({"key": "k", "secret": "s", "endpoint_url": "http://h:1", "direct_reads": False}, {}, False),
     ({"key": "k", "endpoint_url": "http://h:1"}, {}, False),  # half the credentials: s3fs says what is wrong
     ({"key": "k", "secret": "s", "endpoint_url": "http://h:1", "retries": 0}, {}, False),
-], ids=["endpoint", "aws-region", "anon", "env-credentials", "env-region", "other-partition", "aws-no-region",
-        "credential-chain", "profile-env", "profile-option", "client-verify", "addressing-style", "proxy",
-        "switched-off", "half-credentials", "bad-retries"])
-def test_the_direct_client_serves_only_options_it_understands(options, environ, direct):
+    ({"key": "k", "secret": "s", "endpoint_url": "http://h:1", "config_kwargs": {"retries": {"mode": "adaptive",
+                                                                                              "max_attempts": 3}}},
+     {}, False),
+    ({"key": "k", "secret": "s", "endpoint_url": "http://h:1", "config_kwargs": {"retries": {"mode": "standard"}}},
+     {}, False),  # botocore takes the number from the environment or the config file
+], ids=["endpoint", "aws-region", "anon", "env-credentials", "env-region", "gov-cloud", "timeouts",
+        "china", "aws-no-region", "aws-region-variable", "credential-chain", "profile-env", "profile-option",
+        "client-verify", "addressing-style", "proxy", "fips", "dual-stack", "ipv6", "switched-off",
+        "half-credentials", "bad-retries", "adaptive-retries", "retry-mode-alone"])
+def test_the_direct_client_serves_only_options_it_understands(options, environ, direct, tmp_path):
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "no-such-config"), **environ}
     assert (DirectS3.from_options(options, environ) is not None) == direct
 
 
-def test_attempts_follow_botocore_and_s3fs():
-    """s3fs's tries x botocore's attempts: `max_attempts` counts retries after the first,
-    `total_max_attempts` (what botocore rewrites it into, in place) counts them all."""
+def test_the_shared_config_file_is_read_as_botocore_reads_it(tmp_path):
+    """Its default profile's region is the signing region where nothing else names one; any
+    setting that changes what botocore sends (an endpoint, addressing, CA bundle, retries)
+    sends reads through s3fs."""
+    config = tmp_path / "config"
+    environ = {"AWS_CONFIG_FILE": str(config)}
+    options = {"key": "k", "secret": "s"}
+    config.write_text("[default]\nregion = eu-north-1\noutput = json\ncli_pager =\n")
+    assert DirectS3.from_options(options, environ).region == "eu-north-1"
+    assert DirectS3.from_options({**options, "endpoint_url": "http://h:1"}, environ).region == "eu-north-1"
+    assert DirectS3.from_options(options, {**environ, "AWS_DEFAULT_REGION": "us-west-2"}).region == "us-west-2"
+    for setting in ("endpoint_url = http://h:2", "ca_bundle = /x.pem", "max_attempts = 9", "use_fips_endpoint = true",
+                    "s3 =\n  addressing_style = virtual"):
+        config.write_text(f"[default]\nregion = eu-north-1\n{setting}\n")
+        assert DirectS3.from_options(options, environ) is None, setting
+    with pytest.raises(ConfigError, match="storage.direct_reads: must be true or false"):
+        DirectS3.from_options({**options, "direct_reads": "false"}, environ)
+
+
+def test_attempts_follow_botocore_and_s3fs(tmp_path):
+    """botocore's attempts for error answers (`max_attempts` counts retries after the first,
+    `total_max_attempts`, what botocore rewrites it into in place, counts them all), times
+    s3fs's tries for dropped connections and SlowDown."""
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "none")}
     base = {"key": "k", "secret": "s", "endpoint_url": "http://h:1"}
-    assert DirectS3.from_options(base, {}).attempts == 3 * 6
+    assert DirectS3.from_options(base, environ).budget == RetryBudget(6, 3)
     retries = {"mode": "standard", "max_attempts": 2}
-    assert DirectS3.from_options({**base, "retries": 2, "config_kwargs": {"retries": retries}}, {}).attempts == 6
-    retries = {"mode": "standard", "total_max_attempts": 3}
-    assert DirectS3.from_options({**base, "retries": 2, "config_kwargs": {"retries": retries}}, {}).attempts == 6
+    budget = DirectS3.from_options({**base, "retries": 2, "config_kwargs": {"retries": retries}}, environ).budget
+    assert (budget.attempts, budget.most) == (3, 6)
+    retries = {"mode": "legacy", "total_max_attempts": 3}
+    assert DirectS3.from_options({**base, "retries": 2, "config_kwargs": {"retries": retries}}, environ).attempts == 6
 
 
-def test_addressing_is_virtual_hosted_on_aws_and_path_style_elsewhere():
-    aws = DirectS3.from_options({"key": "k", "secret": "s"}, {"AWS_REGION": "eu-central-1"})
-    assert aws._address("my-bucket", "a/b c") == ("my-bucket.s3.eu-central-1.amazonaws.com", "/a/b c")
-    assert aws._address("dotted.bucket", "k") == ("s3.eu-central-1.amazonaws.com", "/dotted.bucket/k")
-    other = DirectS3.from_options({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9000"}, {})
-    assert other._address("my-bucket", "k") == ("127.0.0.1:9000", "/my-bucket/k")
-    assert other.region == "us-east-1"
+def test_addressing_is_virtual_hosted_on_aws_and_path_style_elsewhere(tmp_path):
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_DEFAULT_REGION": "eu-central-1"}
+    aws = DirectS3.from_options({"key": "k", "secret": "s"}, environ)
+    assert aws._address("my-bucket", "a/b c") == ("my-bucket.s3.eu-central-1.amazonaws.com", "/a/b c", "eu-central-1")
+    assert aws._address("dotted.bucket", "k") == ("s3.eu-central-1.amazonaws.com", "/dotted.bucket/k", "eu-central-1")
+    other = DirectS3.from_options({"key": "k", "secret": "s", "endpoint_url": "http://127.0.0.1:9000"}, environ)
+    assert other._address("my-bucket", "k") == ("127.0.0.1:9000", "/my-bucket/k", "eu-central-1")
+    https = DirectS3.from_options({"key": "k", "secret": "s", "endpoint_url": "https://minio.lan"}, environ)
+    assert https._address("b", "") == ("minio.lan", "/b", "eu-central-1")
+
+
+def test_a_redirect_names_the_buckets_region_and_is_followed_there(tmp_path):
+    """S3 answers a request sent to the wrong region with a 301 (or a 400) naming the
+    bucket's region, in a header or in the body; the client asks there from then on.
+    (Only the answer's reading and the addressing are checked: no AWS host is reachable here.)"""
+    moved = _error("s3://b/k", 301, b"", {"x-amz-bucket-region": "ap-south-1"})
+    assert moved.region == "ap-south-1" and "the bucket is in ap-south-1" in str(moved)
+    body = error_xml("AuthorizationHeaderMalformed", "the region 'us-east-1' is wrong; expecting 'eu-west-3'")
+    body = body.replace(b"</Error>", b"<Region>eu-west-3</Region></Error>")
+    assert _error("s3://b/k", 400, body, {}).region == "eu-west-3"
+    aws = DirectS3.from_options({"key": "k", "secret": "s"}, {"AWS_CONFIG_FILE": str(tmp_path / "none"),
+                                                             "AWS_DEFAULT_REGION": "us-east-1"})
+    aws._bucket_regions["b-elsewhere"] = "ap-south-1"
+    assert aws._address("b-elsewhere", "k") == ("b-elsewhere.s3.ap-south-1.amazonaws.com", "/k", "ap-south-1")
 
 
 def test_reads_of_odd_keys_match_the_objects(s3, bucket_with_objects):
@@ -163,3 +217,115 @@ def test_throttling_is_retried_and_an_exhausted_budget_names_the_last_error(s3, 
             read_remote_many(Storage(options), [(f"s3://{bucket}/{key}", 5, 600, "")])
     finally:
         s3.proxy.fault = None
+
+
+def test_pooled_connections_the_server_closed_are_not_tried(s3, bucket_with_objects):
+    """Idle keep-alive connections whose other end has gone (their socket reads EOF), or
+    that sat idle too long, are dropped before use: with a budget of one attempt, reads
+    after them still succeed."""
+    import socket
+
+    from distmerge.io import s3_direct
+
+    bucket, objects = bucket_with_objects
+    client = DirectS3.from_options({**s3.options, "retries": 1, "config_kwargs": {"retries": {"max_attempts": 0}}}, {})
+    assert client.attempts == 1
+    keys = list(objects)
+    for key in keys:
+        client.get(bucket, key, 0, 10)
+    pooled = [conn for idle in client._idle.values() for conn, _ in idle]
+    assert pooled
+    for conn in pooled:  # as if the server had closed them: what the client reads next is EOF
+        conn.sock.shutdown(socket.SHUT_RD)
+    for key in keys:
+        assert client.get(bucket, key, 0, 10) == objects[key][:10]
+    saved = s3_direct.IDLE_SECONDS
+    s3_direct.IDLE_SECONDS = 0.0  # every pooled connection is now too old to trust
+    try:
+        s3.proxy.fault = lambda method, path, headers: (400, error_xml("Used", "a stale connection was used"))
+        reused = [conn for idle in client._idle.values() for conn, _ in idle]
+        assert reused
+        with pytest.raises(OSError, match="Used"):  # the fault answers: a new connection got through
+            client.get(bucket, keys[0], 0, 10)
+        assert all(conn.sock is None for conn in reused)
+    finally:
+        s3_direct.IDLE_SECONDS = saved
+        s3.proxy.fault = None
+
+
+def test_listings_in_another_namespace_with_encoded_keys(s3, bucket_with_objects):
+    """Google Cloud Storage's XML API answers listings in its own namespace; keys come
+    URL-encoded when asked (`encoding-type=url`, as botocore asks)."""
+    bucket, _ = bucket_with_objects
+    listing = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://doc.s3.amazonaws.com/2006-03-01">'
+               b"<Name>b</Name><Prefix>m/</Prefix><EncodingType>url</EncodingType><IsTruncated>false</IsTruncated>"
+               b"<Contents><Key>m/config.json</Key><Size>3</Size><ETag>&quot;x&quot;</ETag></Contents>"
+               b"<Contents><Key>m/with%20space%2Bplus.bin</Key><Size>3</Size><ETag>&quot;y&quot;</ETag></Contents>"
+               b"<CommonPrefixes><Prefix>m/sub%20dir/</Prefix></CommonPrefixes></ListBucketResult>")
+    seen = []
+
+    def gcs_listing(method, path, headers):
+        if method == "GET" and "list-type=2" in path:
+            seen.append(path)
+            return 200, listing
+        return None
+
+    s3.proxy.fault = gcs_listing
+    try:
+        names = DirectS3Files(DirectS3.from_options(s3.options, {})).ls(f"s3://{bucket}/m")
+    finally:
+        s3.proxy.fault = None
+    assert names == [f"{bucket}/m/config.json", f"{bucket}/m/sub dir", f"{bucket}/m/with space+plus.bin"]
+    assert "encoding-type=url" in seen[0]
+
+
+def test_the_first_failure_of_a_read_stops_the_others(s3, bucket_with_objects):
+    """A read of many chunks where one object changed (412; its chunks are fetched first,
+    in URL order) and another is answered 500 every time: the 412 is what the caller
+    hears at once, and the other chunks stop instead of spending their retries."""
+    from distmerge.io import remote
+
+    bucket, objects = bucket_with_objects
+    (changed, data), (throttled, other) = list(objects.items())[:2]
+    hits = []
+
+    def fault(method, path, headers):
+        if method == "GET" and quote_key(throttled) in path:
+            hits.append(path)
+            return 503, error_xml("InternalError", "We encountered an internal error.")
+        return None
+
+    s3.proxy.fault = fault
+    saved = remote.CHUNK_BYTES
+    remote.CHUNK_BYTES = 64  # many chunks of the throttled object
+    try:
+        with pytest.raises(InputError, match="changed since the merge was planned"):
+            remote.read_remote_many(Storage(s3.options), [
+                (f"s3://{bucket}/{throttled}", 0, len(other), ""),
+                (f"s3://{bucket}/{changed}", 0, len(data), "0123456789abcdef0123456789abcdef")])
+        settled = len(hits)
+    finally:
+        remote.CHUNK_BYTES = saved
+        s3.proxy.fault = None
+    assert changed < throttled
+    assert settled < -(-len(other) // 64), settled  # fewer than one attempt per chunk
+
+
+def test_metadata_answers_for_objects_and_unreadable_buckets(s3, bucket_with_objects):
+    """`ls` of an object is the object's name, as s3fs; `exists` of a bucket that may not
+    be looked at is False, as s3fs."""
+    bucket, objects = bucket_with_objects
+    files = DirectS3Files(DirectS3.from_options(s3.options, {}))
+    key = next(iter(objects))
+    assert files.ls(f"s3://{bucket}/{key}") == [f"{bucket}/{key}"]
+    s3.proxy.fault = lambda method, path, headers: (403, b"") if method == "HEAD" else None
+    try:
+        assert files.exists(f"s3://{bucket}") is False
+    finally:
+        s3.proxy.fault = None
+
+
+def quote_key(key: str) -> str:
+    from urllib.parse import quote
+
+    return quote(key, safe="/~")

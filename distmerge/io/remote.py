@@ -1,22 +1,23 @@
 """Byte-range reads of remote objects: concurrent ranged GETs, pinned to one version.
 
-S3 reads go through s3fs's client with `IfMatch: <ETag from the plan>`, so an object
-replaced mid-merge fails with a clear error instead of mixing versions. Failed requests
-are retried by s3fs and botocore (bounded; see `Storage.filesystem`); a response body
-cut off mid-transfer, which neither retries, is fetched again here (`BODY_ATTEMPTS`). Other fsspec
-protocols use the filesystem's own concurrent `cat_ranges`, with the object's size and
-version checked before and after. Requests for adjacent bytes of one object (consecutive
+S3 reads carry `If-Match: <ETag from the plan>`, so an object replaced mid-merge fails
+with a clear error instead of mixing versions. They go through distmerge's direct client
+(`io.s3_direct`, which retries within s3fs's and botocore's budget) where it serves the
+storage options, else through s3fs's client: failed requests are retried by s3fs and
+botocore (bounded; see `Storage.filesystem`), and a response body cut off mid-transfer,
+which neither retries, is fetched again here (`BODY_ATTEMPTS`). Other fsspec protocols
+use the filesystem's own concurrent `cat_ranges`, with the object's size and version
+checked before and after. Requests for adjacent bytes of one object (consecutive
 tensors of a safetensors file) are fetched as one span: fewer, larger GETs cost less CPU
 on both ends and fewer round trips. Reads land in one preallocated buffer per span: S3
 response bodies are read straight into it, and it is not zero-filled first.
 """
-
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Sequence, Tuple
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -31,8 +32,6 @@ TRANSIENT_ERRORS = {"ClientPayloadError", "ClientConnectionError", "ServerDiscon
                     "IncompleteReadError",
                     "ConnectionError", "TimeoutError", "ReadTimeoutError", "ResponseStreamingError",
                     "ConnectionClosedError", "ProtocolError"}
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
 
 
 def _chunks(start: int, end: int) -> List[Tuple[int, int]]:
@@ -121,31 +120,34 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]
     await asyncio.gather(*jobs)
 
 
-def _request_pool() -> ThreadPoolExecutor:
-    """This process's threads for concurrent direct GETs (http.client lets go of the GIL while it waits)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(CONCURRENT_REQUESTS, thread_name_prefix="s3-get")
-        return _POOL
-
-
 def _direct_read(client, requests: Sequence[Tuple[str, int, int, str, memoryview]]) -> None:
     """Fetch every (url, start, end, etag, buffer) request with `io.s3_direct`, in chunks of
-    at most CHUNK_BYTES, CONCURRENT_REQUESTS at a time; retries are the client's."""
+    at most CHUNK_BYTES, CONCURRENT_REQUESTS at a time (threads of this call: http.client
+    lets go of the GIL while it waits); retries are the client's. The first failure stops
+    the other chunks (between their attempts) and is the one reported."""
+    from distmerge.io.s3_direct import Cancelled
+
+    cancel = threading.Event()
 
     def one(url: str, etag: str, view: memoryview, offset: int, a: int, b: int) -> None:
         try:
-            client.read_into(*split_bucket(url), a, view[a - offset:b - offset], etag)
-        except InputError:
+            client.read_into(*split_bucket(url), a, view[a - offset:b - offset], etag, cancel=cancel)
+        except (InputError, Cancelled):
             raise
         except Exception as err:  # noqa: BLE001 - mapped to an error naming the object
             raise _read_error(url, a, b, err) from err
 
-    jobs = [_request_pool().submit(one, url, etag, view, start, a, b)
-            for url, start, end, etag, view in requests for a, b in _chunks(start, end)]
-    for job in jobs:
-        job.result()
+    chunks = [(url, etag, view, start, a, b)
+              for url, start, end, etag, view in requests for a, b in _chunks(start, end)]
+    with ThreadPoolExecutor(min(CONCURRENT_REQUESTS, len(chunks)), thread_name_prefix="s3-get") as pool:
+        jobs = [pool.submit(one, *chunk) for chunk in chunks]
+        done, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+        failed = next((job for job in jobs if job in done and job.exception() is not None), None)
+        if failed is not None:
+            cancel.set()
+            for job in jobs:
+                job.cancel()
+            raise failed.exception()
 
 
 Request = Tuple[str, int, int, str]  # (url, start, end, version)

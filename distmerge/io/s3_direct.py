@@ -3,31 +3,38 @@
 Why: reading inputs is the merge's hot path, and s3fs's stack (aiobotocore, aiohttp) costs
 every process about half a second of imports and a fifth of a second of session before
 its first byte, then about three times the client CPU per byte of a plain HTTP read
-into a preallocated buffer. On a merge of 4 x 119 MiB inputs that is most of what S3
+into a preallocated buffer. On a merge of 4 x 119 MiB inputs that was most of what S3
 added to the local merge's time.
 
-This client serves reads only, and only where it understands every storage option
-(`DirectS3.from_options` returns None otherwise and s3fs serves, as it does for all
-writes):
+This client serves reads only, and only where it would send what botocore sends
+(`DirectS3.from_options` returns None otherwise, and s3fs serves, as it does all writes):
 
 - credentials: the options' `key`/`secret` (and `token`), else the environment's
-  AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) where no AWS_PROFILE
-  is set, as botocore's chain would find them first; or `anon` (unsigned requests).
-  Profiles, SSO, instance and container roles are left to botocore.
+  AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), which botocore's chain
+  takes first; or `anon` (unsigned requests). Profiles (AWS_PROFILE), SSO, instance and
+  container roles are left to botocore.
 - endpoint: `endpoint_url` (or `client_kwargs.endpoint_url`, AWS_ENDPOINT_URL_S3,
-  AWS_ENDPOINT_URL), addressed path-style as botocore does for custom endpoints; else
-  AWS in the region of `client_kwargs.region_name` (or AWS_REGION/AWS_DEFAULT_REGION),
-  virtual-hosted where the bucket name allows it.
-- no proxy in the environment; AWS_CA_BUNDLE, where set, is the CA bundle HTTPS trusts.
-- retries: as many attempts per request as botocore's inside s3fs's tries
-  (`config_kwargs.retries`, `retries`), with capped, jittered backoff, on dropped
-  connections, bodies cut short, 429 and 5xx answers.
+  AWS_ENDPOINT_URL), addressed path-style as botocore does for custom endpoints; else AWS
+  (the aws and aws-us-gov partitions), virtual-hosted where the bucket's name allows it,
+  following S3's redirect to a bucket's region as botocore does.
+- the signing region: `client_kwargs.region_name`, else AWS_DEFAULT_REGION, else the
+  shared config file's default profile (us-east-1 for a custom endpoint), as botocore.
+- a shared config file (AWS_CONFIG_FILE, ~/.aws/config) whose default profile sets only
+  the region, the CLI's own settings or credential sources; no proxy, FIPS or dual-stack
+  setting in the environment. AWS_CA_BUNDLE, where set, is the CA bundle HTTPS trusts;
+  otherwise certifi's, as botocore.
+- retries, as s3fs over botocore: a request is made up to `config_kwargs.retries`'
+  attempts (max_attempts + 1, or total_max_attempts) on 5xx, 429 and 400 RequestTimeout
+  answers, and that many times s3fs's `retries` on dropped connections, bodies cut short
+  and SlowDown, with capped, jittered backoff; timeouts are s3fs's (5 s to connect, 15 s
+  between bytes) unless `config_kwargs` sets them.
 
-Set the storage option `direct_reads: false` to read through s3fs everywhere.
+The storage option `direct_reads: false` sends every read through s3fs.
 """
 
 from __future__ import annotations
 
+import configparser
 import datetime
 import hashlib
 import hmac
@@ -35,26 +42,42 @@ import http.client
 import os
 import random
 import re
+import select
+import ssl
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
+from distmerge.errors import ConfigError, InputError
 from distmerge.io.storage import S3_ATTEMPTS, S3FS_RETRIES
 
-TIMEOUT = 60.0  # seconds to connect, and between bytes of an answer (botocore's defaults)
+CONNECT_TIMEOUT = 5.0  # s3fs's connect and read timeouts (it overrides botocore's 60 s)
+READ_TIMEOUT = 15.0
+IDLE_SECONDS = 10.0  # a pooled connection idle longer is dropped (aiobotocore keeps 12 s)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+SLOW_DOWN = ("SlowDown", "reduce your request rate")  # what s3fs's own tries repeat, besides dropped connections
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
 DIRECT_OPTIONS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "retries",
                   "direct_reads", "default_block_size", "skip_instance_cache"}
 DIRECT_CLIENT_KWARGS = {"region_name", "endpoint_url"}
-DIRECT_CONFIG_KWARGS = {"retries", "max_pool_connections"}
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+DIRECT_CONFIG_KWARGS = {"retries", "max_pool_connections", "connect_timeout", "read_timeout"}
+DECLINING_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
+                       "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT",
+                       "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT",
+                       "AWS_S3_DISABLE_MULTIREGION_ACCESS_POINTS", "AWS_S3_USE_ARN_REGION")
+# Keys of the shared config file's default profile that change nothing this client sends:
+# the CLI's own settings, and credential sources (used only where neither the options
+# nor the environment give credentials, and then this client is not used).
+CONFIG_FILE_KEYS = {"region", "output", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                    "role_arn", "source_profile", "credential_source", "credential_process", "role_session_name",
+                    "duration_seconds", "mfa_serial", "external_id", "web_identity_token_file", "sso_session",
+                    "sso_account_id", "sso_role_name", "sso_region", "sso_start_url"}
+AWS_REGION_NAME = re.compile(r"(?!cn-)[a-z]{2}(-gov)?-[a-z]+-\d+")  # the aws and aws-us-gov partitions (not cn-, iso)
 UNSIGNED_EMPTY = hashlib.sha256(b"").hexdigest()
-S3_NAMESPACE = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _JITTER = random.Random()  # its own, so that retries never move a global random state
 _VIRTUAL_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 
@@ -63,9 +86,11 @@ class S3ResponseError(OSError):
     """An S3 answer that is an error, with its code; `response` has botocore's shape, so
     `storage.s3_error_code` reads it as it reads s3fs's errors."""
 
-    def __init__(self, url: str, status: int, code: str, message: str) -> None:
+    def __init__(self, url: str, status: int, code: str, message: str, region: str = "") -> None:
         super().__init__(f"{url}: {code or f'HTTP {status}'}" + (f": {message}" if message else ""))
         self.status = status
+        self.code = code
+        self.region = region  # where S3 says the bucket is (a redirect), if it says
         self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
@@ -78,7 +103,11 @@ class S3AccessDenied(S3ResponseError, PermissionError):
 
 
 class ShortBody(http.client.HTTPException):
-    """An answer whose body ended before its Content-Length: sent again."""
+    """An answer whose body ended before its length: sent again."""
+
+
+class Cancelled(Exception):
+    """The caller gave up on this request (another one of its batch failed)."""
 
 
 @dataclass(frozen=True)
@@ -88,35 +117,54 @@ class Credentials:
     token: str = ""
 
 
-def _attempts(options: Mapping[str, Any]) -> Optional[int]:
-    """Attempts per request, as s3fs and botocore would make them: s3fs's tries x botocore's
-    attempts (`max_attempts` counts the retries after the first; botocore rewrites it in
-    place as `total_max_attempts`, which counts them all)."""
+@dataclass(frozen=True)
+class RetryBudget:
+    """Attempts per request: `attempts` (botocore's) for error answers, `attempts x tries`
+    (s3fs's tries around botocore's) for dropped connections, cut bodies and SlowDown."""
+
+    attempts: int = S3_ATTEMPTS + 1
+    tries: int = S3FS_RETRIES
+
+    @property
+    def most(self) -> int:
+        return self.attempts * self.tries
+
+
+def _retry_budget(options: Mapping[str, Any]) -> Optional[RetryBudget]:
+    """The options' budget, read as botocore and s3fs read it (`max_attempts` counts the
+    retries after the first; botocore rewrites it in place as `total_max_attempts`, which
+    counts them all); None where botocore would look elsewhere for it (a mode without a
+    number: the environment, the config file) or the values are bad (s3fs says so)."""
     config = options.get("config_kwargs") or {}
-    retries = config.get("retries") or {}
-    if not isinstance(retries, Mapping) or set(retries) - {"mode", "max_attempts", "total_max_attempts"}:
-        return None
-    if "total_max_attempts" in retries:
-        attempts = retries["total_max_attempts"]
-    else:
-        attempts = retries.get("max_attempts", S3_ATTEMPTS)
-        attempts = attempts + 1 if isinstance(attempts, int) else attempts
     tries = options.get("retries", S3FS_RETRIES)
-    if not isinstance(attempts, int) or not isinstance(tries, int) or attempts < 1 or tries < 1:
-        return None  # s3fs's construction reports the bad value
-    return attempts * tries
+    if "retries" not in config:
+        attempts = S3_ATTEMPTS + 1  # what io.storage gives botocore
+    else:
+        retries = config["retries"]
+        if (not isinstance(retries, Mapping) or set(retries) - {"mode", "max_attempts", "total_max_attempts"}
+                or retries.get("mode", "standard") not in ("standard", "legacy")):
+            return None
+        if "total_max_attempts" in retries:
+            attempts = retries["total_max_attempts"]
+        elif "max_attempts" in retries:
+            attempts = retries["max_attempts"]
+            attempts = attempts + 1 if isinstance(attempts, int) else attempts
+        else:
+            return None
+    if not isinstance(attempts, int) or not isinstance(tries, int) or isinstance(tries, bool) or attempts < 1 \
+            or tries < 1:
+        return None
+    return RetryBudget(attempts, tries)
 
 
 def _credentials(options: Mapping[str, Any], environ: Mapping[str, str]) -> Tuple[bool, Optional[Credentials]]:
-    """(whether this client can sign as botocore would, the credentials; None: unsigned)."""
+    """(whether this client signs as botocore would, the credentials; None: unsigned)."""
     if options.get("anon"):
         return True, None
     key, secret = options.get("key"), options.get("secret")
     if key or secret:
         usable = isinstance(key, str) and isinstance(secret, str) and bool(key and secret)
         return usable, Credentials(key, secret, options.get("token") or "") if usable else None
-    if environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE"):
-        return False, None
     key, secret = environ.get("AWS_ACCESS_KEY_ID"), environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         return True, Credentials(key, secret, environ.get("AWS_SESSION_TOKEN") or environ.get("AWS_SECURITY_TOKEN")
@@ -124,57 +172,95 @@ def _credentials(options: Mapping[str, Any], environ: Mapping[str, str]) -> Tupl
     return False, None
 
 
+def _shared_config(environ: Mapping[str, str]) -> Optional[Dict[str, str]]:
+    """The shared config file's default profile, or None where it sets anything this client
+    does not do as botocore would (an endpoint, addressing style, CA bundle, retries...)."""
+    path = os.path.expanduser(environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    if not os.path.exists(path):
+        return {}
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path)
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None
+    if not parser.has_section("default"):
+        return {}
+    profile = dict(parser.items("default"))
+    if any(k not in CONFIG_FILE_KEYS and not k.startswith("cli_") for k in profile):
+        return None
+    return profile
+
+
+def _timeout(config: Mapping[str, Any], name: str, default: float) -> Optional[float]:
+    value = config.get(name, default)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 class DirectS3:
     """Signed read requests to one S3 endpoint; safe to share between threads (each request
     takes a pooled keep-alive connection of its own)."""
 
-    def __init__(self, endpoint: str, region: str, credentials: Optional[Credentials], *,
-                 virtual_hosted: bool = False, attempts: int = (S3_ATTEMPTS + 1) * S3FS_RETRIES,
-                 ca_bundle: Optional[str] = None) -> None:
+    def __init__(self, endpoint: str, region: str, credentials: Optional[Credentials], *, aws: bool = False,
+                 budget: RetryBudget = RetryBudget(), ca_bundle: Optional[str] = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
         parts = urlsplit(endpoint)
         self.secure = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.secure else 80)
         self.region = region
         self.credentials = credentials
-        self.virtual_hosted = virtual_hosted
-        self.attempts = attempts
+        self.aws = aws  # virtual-hosted addressing, regional hosts, redirects to a bucket's region
+        self.budget = budget
         self.ca_bundle = ca_bundle or None
-        self._idle: Dict[str, List[http.client.HTTPConnection]] = {}
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._idle: Dict[Tuple[str, int], List[Tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
-        self._signing_keys: Dict[str, bytes] = {}
+        self._signing_keys: Dict[Tuple[str, str], bytes] = {}
+        self._bucket_regions: Dict[str, str] = {}
+        self._tls: Optional[ssl.SSLContext] = None
+
+    @property
+    def attempts(self) -> int:
+        """The most attempts one request can take."""
+        return self.budget.most
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any],
                      environ: Optional[Mapping[str, str]] = None) -> Optional["DirectS3"]:
-        """The client for these s3fs options, or None where one of them (or the environment)
-        asks for something only botocore does."""
+        """The client for these s3fs options, or None where one of them (or the environment,
+        or the shared config file) asks for something only botocore does."""
         environ = os.environ if environ is None else environ
+        direct = options.get("direct_reads", True)
+        if not isinstance(direct, bool):
+            raise ConfigError(f"storage.direct_reads: must be true or false (got {direct!r})")
         client_kwargs = options.get("client_kwargs") or {}
         config_kwargs = options.get("config_kwargs") or {}
-        if (options.get("direct_reads", True) is False or set(options) - DIRECT_OPTIONS
+        if (not direct or set(options) - DIRECT_OPTIONS
                 or not isinstance(client_kwargs, Mapping) or set(client_kwargs) - DIRECT_CLIENT_KWARGS
                 or not isinstance(config_kwargs, Mapping) or set(config_kwargs) - DIRECT_CONFIG_KWARGS
-                or any(environ.get(name) for name in PROXY_VARIABLES)
-                or environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")):
+                or any(environ.get(name) for name in DECLINING_VARIABLES)):
             return None
-        attempts = _attempts(options)
+        budget = _retry_budget(options)
         signs, credentials = _credentials(options, environ)
-        if attempts is None or not signs:
+        shared = _shared_config(environ)
+        connect_timeout = _timeout(config_kwargs, "connect_timeout", CONNECT_TIMEOUT)
+        read_timeout = _timeout(config_kwargs, "read_timeout", READ_TIMEOUT)
+        if budget is None or not signs or shared is None or connect_timeout is None or read_timeout is None:
             return None
-        region = client_kwargs.get("region_name") or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        region = client_kwargs.get("region_name") or environ.get("AWS_DEFAULT_REGION") or shared.get("region")
         endpoint = (options.get("endpoint_url") or client_kwargs.get("endpoint_url")
                     or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"))
+        settings = dict(budget=budget, ca_bundle=environ.get("AWS_CA_BUNDLE"), connect_timeout=connect_timeout,
+                        read_timeout=read_timeout)
         if endpoint:
-            parts = urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
-                return None
-            return cls(endpoint, region or "us-east-1", credentials, attempts=attempts,
-                       ca_bundle=environ.get("AWS_CA_BUNDLE"))
-        if not region or not re.fullmatch(r"[a-z]{2}(-gov)?-[a-z]+-\d", region):  # the aws partition only
+            parts = urlsplit(str(endpoint))
+            if (parts.scheme not in ("http", "https") or not parts.hostname or ":" in parts.hostname
+                    or parts.path.strip("/") or parts.query):
+                return None  # IPv6 literals, endpoints with a path: botocore's
+            return cls(str(endpoint), region or "us-east-1", credentials, **settings)
+        if not region or not AWS_REGION_NAME.fullmatch(region):
             return None
-        return cls(f"https://s3.{region}.amazonaws.com", region, credentials, virtual_hosted=True,
-                   attempts=attempts, ca_bundle=environ.get("AWS_CA_BUNDLE"))
+        return cls(f"https://s3.{region}.amazonaws.com", region, credentials, aws=True, **settings)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -194,37 +280,49 @@ class DirectS3:
             headers["range"] = f"bytes={first}-{'' if end is None else end - 1}"
         return self._call("GET", bucket, key, headers=headers)[2]
 
-    def read_into(self, bucket: str, key: str, start: int, view: memoryview, etag: str = "") -> None:
+    def read_into(self, bucket: str, key: str, start: int, view: memoryview, etag: str = "",
+                  cancel: Optional[threading.Event] = None) -> None:
         """Bytes [start, start + len(view)) of the object straight into `view`; with `etag`,
-        only from that version of it (412 PreconditionFailed otherwise)."""
+        only from that version of it (412 PreconditionFailed otherwise). Stops between
+        attempts once `cancel` is set (raising `Cancelled`)."""
         headers = {"range": f"bytes={start}-{start + len(view) - 1}"}
         if etag:
             headers["if-match"] = etag
-        self._call("GET", bucket, key, headers=headers, into=view, start=start)
+        self._call("GET", bucket, key, headers=headers, into=view, start=start, cancel=cancel)
 
     def list(self, bucket: str, prefix: str, delimiter: str = "/", max_keys: Optional[int] = None,
              page_size: int = 1000) -> Tuple[List[dict], List[str]]:
         """(objects, common prefixes) under `prefix`: every page (of `page_size` entries at
-        most; S3 gives 1,000), or about the first `max_keys` entries."""
+        most; S3 gives 1,000), or about the first `max_keys` entries. Tags are matched
+        whatever their XML namespace (servers differ), keys asked for URL-encoded (as
+        botocore does: XML cannot carry every key)."""
         objects: List[dict] = []
         prefixes: List[str] = []
         token = None
+        seen = set()
         while True:
-            query = {"list-type": "2", "prefix": prefix, "max-keys": str(min(max_keys or page_size, page_size))}
+            query = {"list-type": "2", "prefix": prefix, "max-keys": str(min(max_keys or page_size, page_size)),
+                     "encoding-type": "url"}
             if delimiter:
                 query["delimiter"] = delimiter
             if token:
                 query["continuation-token"] = token
             root = ElementTree.fromstring(self._call("GET", bucket, "", query=query)[2])
-            for item in root.iter(f"{S3_NAMESPACE}Contents"):
-                objects.append({"Key": item.findtext(f"{S3_NAMESPACE}Key", ""),
-                                "Size": int(item.findtext(f"{S3_NAMESPACE}Size", "0")),
-                                "ETag": item.findtext(f"{S3_NAMESPACE}ETag", "")})
-            prefixes += [p.findtext(f"{S3_NAMESPACE}Prefix", "") for p in root.iter(f"{S3_NAMESPACE}CommonPrefixes")]
-            token = root.findtext(f"{S3_NAMESPACE}NextContinuationToken")
-            if root.findtext(f"{S3_NAMESPACE}IsTruncated") != "true" or not token or (
+            encoded = (root.findtext("{*}EncodingType") or "").lower() == "url"
+            decode = unquote_plus if encoded else (lambda text: text)
+            for item in root.findall("{*}Contents"):
+                objects.append({"Key": decode(item.findtext("{*}Key", "")),
+                                "Size": int(item.findtext("{*}Size", "0")),
+                                "ETag": item.findtext("{*}ETag", "")})
+            prefixes += [decode(p.findtext("{*}Prefix", "")) for p in root.findall("{*}CommonPrefixes")]
+            token = root.findtext("{*}NextContinuationToken")
+            if root.findtext("{*}IsTruncated") != "true" or not token or (
                     max_keys and len(objects) + len(prefixes) >= max_keys):
                 return objects, prefixes
+            if token in seen:
+                raise S3ResponseError(f"s3://{bucket}/{prefix}", 200, "InvalidListing",
+                                      "the listing repeated a continuation token")
+            seen.add(token)
 
     def bucket_exists(self, bucket: str) -> bool:
         try:
@@ -236,21 +334,24 @@ class DirectS3:
     # -- one request, with retries -------------------------------------------------------------
 
     def _call(self, method: str, bucket: str, key: str, *, query: Optional[Dict[str, str]] = None,
-              headers: Optional[Dict[str, str]] = None, into: Optional[memoryview] = None,
-              start: int = 0) -> Tuple[int, Dict[str, str], bytes]:
-        """Send one request (again on a dropped connection, a cut body, 429 or 5xx, up to
-        `attempts` times); (status, lowercased headers, body; empty when read `into`)."""
+              headers: Optional[Dict[str, str]] = None, into: Optional[memoryview] = None, start: int = 0,
+              cancel: Optional[threading.Event] = None) -> Tuple[int, Dict[str, str], bytes]:
+        """Send one request, again where botocore or s3fs would (see `RetryBudget`), after a
+        backoff; once more, at once, where S3 redirects to the bucket's region.
+        (status, lowercased headers, body; empty when read `into`)."""
         url = f"s3://{bucket}/{key}"
-        host, path = self._address(bucket, key)
-        target = quote(path, safe="/~") + ("?" + _canonical_query(query) if query else "")
-        last: Optional[BaseException] = None
-        for attempt in range(self.attempts):
-            if attempt:
-                time.sleep(backoff(attempt - 1))
-            connection = self._connection(host)
+        made, redirected, last = 0, False, None
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(url)
+            host, path, region = self._address(bucket, key)
+            target = quote(path, safe="/~") + ("?" + _canonical_query(query) if query else "")
+            signed = self._signed(method, host, path, query or {}, dict(headers or {}), region)
+            connection = None
+            made += 1
             try:
-                connection.request(method, target, headers=self._signed(method, host, path, query or {},
-                                                                         dict(headers or {})))
+                connection = self._connection(host)
+                connection.request(method, target, headers=signed)
                 response = connection.getresponse()
                 answer = {k.lower(): v for k, v in response.getheaders()}
                 if into is not None and response.status in (200, 206):
@@ -259,29 +360,41 @@ class DirectS3:
                 else:
                     body = response.read()
             except (OSError, http.client.HTTPException) as err:
-                connection.close()
-                last = err
-                continue
+                if connection is not None:
+                    connection.close()
+                last, limit = err, self.budget.most
             except BaseException:
-                connection.close()
+                if connection is not None:
+                    connection.close()
                 raise
-            self._release(host, connection, response)
-            if response.status in RETRY_STATUSES:
-                last = _error(url, response.status, body)
-                continue
-            if response.status >= 300:
-                raise _error(url, response.status, body)
-            return response.status, answer, body
-        raise ConnectionError(f"{url}: {method} failed {self.attempts} time(s), last: {type(last).__name__}: {last}") \
-            from last
+            else:
+                self._release(host, connection, response)
+                if response.status < 300:
+                    return response.status, answer, body
+                error = _error(url, response.status, body, answer)
+                if self.aws and error.region and error.region != region and not redirected:
+                    self._bucket_regions[bucket] = error.region  # S3 said where the bucket is: ask there
+                    redirected, made = True, made - 1
+                    continue
+                if not _retryable(error):
+                    raise error
+                slow_down = any(word in str(error) for word in SLOW_DOWN)
+                last, limit = error, self.budget.most if slow_down else self.budget.attempts
+            if made >= limit:
+                raise ConnectionError(f"{url}: {method} failed {made} time(s), last: {type(last).__name__}: "
+                                      f"{last}") from last
+            pause = backoff(made - 1)
+            if cancel is not None:
+                if cancel.wait(pause):
+                    raise Cancelled(url)
+            else:
+                time.sleep(pause)
 
     @staticmethod
     def _read_body_into(url: str, response: http.client.HTTPResponse, answer: Dict[str, str], view: memoryview,
                         start: int) -> None:
         length = answer.get("content-length")
-        if length is None or int(length) != len(view):  # e.g. a server that ignores Range
-            from distmerge.errors import InputError
-
+        if length is not None and int(length) != len(view):  # e.g. a server that ignores Range
             raise InputError(f"{url}: asked for bytes {start}-{start + len(view)}, the server answered with "
                              f"{length} bytes (the storage must support ranged reads)")
         filled = 0
@@ -290,41 +403,77 @@ class DirectS3:
             if not n:
                 raise ShortBody(f"{url}: the answer ended after {filled} of {len(view)} bytes")
             filled += n
+        if length is None and response.read(1):  # a chunked answer: it must end here too
+            raise InputError(f"{url}: asked for bytes {start}-{start + len(view)}, the server answered with "
+                             "more (the storage must support ranged reads)")
 
-    def _address(self, bucket: str, key: str) -> Tuple[str, str]:
-        """(Host header, path): virtual-hosted on AWS where the bucket's name allows it."""
-        if self.virtual_hosted and _VIRTUAL_BUCKET.match(bucket) and "--" not in bucket:
-            return f"{bucket}.{self.host}", f"/{key}"
-        netloc = self.host if self.port in (80, 443) else f"{self.host}:{self.port}"
-        return netloc, f"/{bucket}/{key}" if key else f"/{bucket}"
+    def _address(self, bucket: str, key: str) -> Tuple[str, str, str]:
+        """(Host header, path, signing region): on AWS virtual-hosted where the bucket's
+        name allows it, at the bucket's region once S3 has named it."""
+        if self.aws:
+            region = self._bucket_regions.get(bucket, self.region)
+            host = f"s3.{region}.amazonaws.com"
+            if _VIRTUAL_BUCKET.match(bucket) and "--" not in bucket:
+                return f"{bucket}.{host}", f"/{key}", region
+            return host, f"/{bucket}/{key}" if key else f"/{bucket}", region
+        netloc = self.host if self.port == (443 if self.secure else 80) else f"{self.host}:{self.port}"
+        return netloc, f"/{bucket}/{key}" if key else f"/{bucket}", self.region
 
     # -- connections ---------------------------------------------------------------------------
 
     def _connection(self, host: str) -> http.client.HTTPConnection:
-        """An idle keep-alive connection to `host`, else a new one."""
-        with self._lock:
-            idle = self._idle.get(host)
-            if idle:
-                return idle.pop()
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        """A live idle keep-alive connection to `host`, else a new one. An idle connection
+        the server has closed (its socket reads EOF), or that sat idle past IDLE_SECONDS
+        (servers and balancers drop those), is thrown away, not tried."""
+        name = host if self.aws else self.host
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get((name, self.port))
+                connection, since = idle.pop() if idle else (None, 0.0)
+            if connection is None:
+                break
+            sock = connection.sock
+            if sock is not None and now - since < IDLE_SECONDS and not select.select([sock], [], [], 0)[0]:
+                return connection
+            connection.close()
         if self.secure:
-            import ssl
-
-            context = ssl.create_default_context(cafile=self.ca_bundle)
-            return http.client.HTTPSConnection(name, self.port, timeout=TIMEOUT, context=context)
-        return http.client.HTTPConnection(name, self.port, timeout=TIMEOUT)
+            connection = http.client.HTTPSConnection(name, self.port, timeout=self.connect_timeout,
+                                                     context=self._tls_context())
+        else:
+            connection = http.client.HTTPConnection(name, self.port, timeout=self.connect_timeout)
+        connection.connect()
+        connection.sock.settimeout(self.read_timeout)
+        return connection
 
     def _release(self, host: str, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep the connection for the next request unless the server is closing it."""
-        if response.will_close or not response.isclosed():
+        if response.will_close or not response.isclosed() or connection.sock is None:
             connection.close()
             return
+        name = host if self.aws else self.host
         with self._lock:
-            self._idle.setdefault(host, []).append(connection)
+            self._idle.setdefault((name, self.port), []).append((connection, time.monotonic()))
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """One per client: AWS_CA_BUNDLE's CAs, else certifi's (botocore's), else the system's."""
+        with self._lock:
+            if self._tls is None:
+                cafile = self.ca_bundle
+                if cafile is None:
+                    try:
+                        import certifi
+
+                        cafile = certifi.where()
+                    except ImportError:
+                        cafile = None
+                self._tls = ssl.create_default_context(cafile=cafile)
+            return self._tls
 
     # -- signing (AWS Signature Version 4, unsigned payload digest of an empty body) ---------------
 
-    def _signed(self, method: str, host: str, path: str, query: Dict[str, str], headers: Dict[str, str]) -> Dict:
+    def _signed(self, method: str, host: str, path: str, query: Dict[str, str], headers: Dict[str, str],
+                region: str) -> Dict:
         headers["host"] = host
         if self.credentials is None:
             return headers
@@ -339,20 +488,20 @@ class DirectS3:
         canonical = "\n".join([method, quote(path, safe="/~"), _canonical_query(query),
                                "".join(f"{name}:{' '.join(str(headers[name]).split())}\n" for name in names),
                                ";".join(names), UNSIGNED_EMPTY])
-        scope = f"{day}/{self.region}/s3/aws4_request"
+        scope = f"{day}/{region}/s3/aws4_request"
         to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = hmac.new(self._signing_key(day, region), to_sign.encode(), hashlib.sha256).hexdigest()
         headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.credentials.key}/{scope}, "
                                     f"SignedHeaders={';'.join(names)}, Signature={signature}")
         return headers
 
-    def _signing_key(self, day: str) -> bytes:
-        key = self._signing_keys.get(day)
+    def _signing_key(self, day: str, region: str) -> bytes:
+        key = self._signing_keys.get((day, region))
         if key is None:
             key = ("AWS4" + self.credentials.secret).encode()
-            for part in (day, self.region, "s3", "aws4_request"):
+            for part in (day, region, "s3", "aws4_request"):
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            self._signing_keys = {day: key}
+            self._signing_keys[(day, region)] = key
         return key
 
 
@@ -360,14 +509,20 @@ def _canonical_query(query: Dict[str, str]) -> str:
     return "&".join(f"{quote(k, safe='~')}={quote(str(v), safe='~')}" for k, v in sorted(query.items()))
 
 
-def _error(url: str, status: int, body: bytes) -> S3ResponseError:
-    code = message = ""
+def _retryable(error: S3ResponseError) -> bool:
+    return error.status in RETRY_STATUSES or (error.status == 400 and error.code == "RequestTimeout")
+
+
+def _error(url: str, status: int, body: bytes, headers: Mapping[str, str]) -> S3ResponseError:
+    code = message = region = ""
     if body:
         try:
             root = ElementTree.fromstring(body)
-            code, message = root.findtext("Code") or "", root.findtext("Message") or ""
+            code, message = root.findtext("{*}Code") or "", root.findtext("{*}Message") or ""
+            region = root.findtext("{*}Region") or ""
         except ElementTree.ParseError:
             message = body[:200].decode("utf-8", "replace")
+    region = headers.get("x-amz-bucket-region") or region
     if status == 404:
         if code == "NoSuchBucket":
             return S3NotFound(url, status, code, f"bucket {url[5:].split('/')[0]!r} does not exist")
@@ -376,7 +531,9 @@ def _error(url: str, status: int, body: bytes) -> S3ResponseError:
         return S3AccessDenied(url, status, code or "AccessDenied", message)
     if status == 412:
         code = code or "PreconditionFailed"
-    return S3ResponseError(url, status, code, message)
+    if status in (301, 307) and region:
+        message = (message + " " if message else "") + f"(the bucket is in {region}: set client_kwargs.region_name)"
+    return S3ResponseError(url, status, code, message, region)
 
 
 def backoff(attempt: int) -> float:
@@ -405,11 +562,15 @@ class DirectS3Files:
         return self.client.get(*split_bucket(url), start, end)
 
     def exists(self, url: str) -> bool:
-        """An object, a "directory" (a prefix some key starts with), or a bucket."""
+        """An object, a "directory" (a prefix some key starts with), or a bucket (False where
+        the bucket cannot be looked at, as s3fs)."""
         bucket, key = split_bucket(url)
         key = key.rstrip("/")
         if not key:
-            return self.client.bucket_exists(bucket)
+            try:
+                return self.client.bucket_exists(bucket)
+            except S3ResponseError:
+                return False
         try:
             self.client.head(bucket, key)
             return True
@@ -422,7 +583,8 @@ class DirectS3Files:
         return bool(objects or prefixes)
 
     def ls(self, url: str, detail: bool = False) -> List[str]:
-        """The names ("bucket/key") right below a directory; FileNotFoundError if there are none."""
+        """The names ("bucket/key") right below a directory, or the object's own name;
+        FileNotFoundError if there is neither."""
         if detail:
             raise NotImplementedError("DirectS3Files.ls lists names only")
         bucket, key = split_bucket(url)
@@ -430,6 +592,9 @@ class DirectS3Files:
         objects, prefixes = self.client.list(bucket, prefix)
         names = [f"{bucket}/{o['Key']}" for o in objects if o["Key"] != prefix]
         names += [f"{bucket}/{p.rstrip('/')}" for p in prefixes]
+        if not names and key.strip("/"):
+            self.client.head(bucket, key.rstrip("/"))  # FileNotFoundError where there is no such object
+            return [f"{bucket}/{key.rstrip('/')}"]
         if not names:
             raise FileNotFoundError(url)
         return sorted(names)

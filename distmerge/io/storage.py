@@ -122,6 +122,7 @@ class Storage:
         import fsspec
 
         options = dict(self.options) if protocol != "file" else {}
+        options.pop("direct_reads", None)  # ours: whether S3 reads may bypass s3fs (io.s3_direct)
         if protocol == "s3":
             options.setdefault("default_block_size", 8 * 2**20)
             # Bounded retries with backoff: botocore's standard mode (throttling, 5xx,
@@ -131,7 +132,6 @@ class Storage:
             config.setdefault("retries", {"mode": "standard", "max_attempts": S3_ATTEMPTS})
             config.setdefault("max_pool_connections", S3_CONNECTIONS)
             options["config_kwargs"] = config
-            options.pop("direct_reads", None)  # ours: whether reads may bypass s3fs (io.s3_direct)
             s3fs_retries = options.pop("retries", S3FS_RETRIES)
             if not isinstance(s3fs_retries, int) or s3fs_retries < 1:
                 raise ConfigError(f"storage.retries: must be a whole number of tries, at least 1 "
