@@ -11,7 +11,9 @@ synthetic Llama-shaped base model and three fine-tunes (bf16; about 125 MB each 
 2. the merge's own reads against the same server, without Ray or compute: the plan's byte
    ranges, adjacent ones of each unit joined and cut into the GETs distmerge issues (<= 8 MiB
    each), replayed once all at once with
-   s3fs `cat_ranges`, and once through distmerge's `read_remote_many` from --num-workers threads.
+   s3fs `cat_ranges`, and through distmerge's `read_remote_many` from --num-workers threads,
+   once with its direct S3 client (io/s3_direct.py, what the merge uses here) and once
+   through s3fs (`direct_reads: false`), with the client's CPU time.
    These separate the server's per-request cost from the merge's.
 3. local -> local merge, for reference: the same TIES config (weights 0.5/0.3/0.2, density
    0.5, bf16) over the models on local disk, output to local disk; before it, the same merge
@@ -203,9 +205,10 @@ def replay_cat_ranges(fs, gets: List[Tuple[str, int, int]]) -> Tuple[int, float]
     return total, seconds
 
 
-def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, float]:
+def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, float, float]:
     """distmerge's own read path (`read_remote_many`, IfMatch and all) without Ray or compute: the
-    units dealt round-robin to `workers` threads, each fetching a unit's ranges together as a worker does."""
+    units dealt round-robin to `workers` threads, each fetching a unit's ranges together as a worker does.
+    (bytes, seconds, this process's CPU seconds: the client's, the server runs apart)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from distmerge.io.remote import read_remote_many
@@ -220,10 +223,10 @@ def replay_read_remote(options: dict, merge_plan, workers: int) -> Tuple[int, fl
             total += sum(len(b) for b in read_remote_many(storage, list(plan_reads_of_unit(merge_plan, unit))))
         return total
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(workers) as pool:
         total = sum(pool.map(run, [units[i::workers] for i in range(workers)]))
-    return total, time.perf_counter() - started
+    return total, time.perf_counter() - started, time.process_time() - cpu
 
 
 def plan_reads_of_unit(merge_plan, unit) -> List[Tuple[str, int, int, str]]:
@@ -377,9 +380,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(mean {format_bytes(needed / max(1, len(gets)))}) on {len({g[0] for g in gets})} objects",
               flush=True)
         replays = {"cat_ranges": replay_cat_ranges(fs, gets),
-                   "read_remote": replay_read_remote(options, s3_plan, args.num_workers)}
-        for kind, (nbytes, seconds) in replays.items():
-            print(f"replay, {kind:11}: {format_bytes(nbytes)} in {seconds:.2f} s ({rate(nbytes, seconds)})", flush=True)
+                   "read_remote": replay_read_remote(options, s3_plan, args.num_workers),
+                   "read_remote_s3fs": replay_read_remote({**options, "direct_reads": False}, s3_plan,
+                                                          args.num_workers)}
+        for kind, (nbytes, seconds, *_) in replays.items():
+            print(f"replay, {kind:16}: {format_bytes(nbytes)} in {seconds:.2f} s ({rate(nbytes, seconds)})",
+                  flush=True)
 
         # What any distmerge run costs whatever its size (start Python, torch, Ray; stop Ray): a merge of
         # tiny models (~100 KB each), local -> local.
@@ -461,8 +467,10 @@ def main(argv: Optional[List[str]] = None) -> int:
          f"{format_bytes(best['cat_file'][0])} in {best['cat_file'][1]:.2f} s, best of {len(raw['cat_file'])}"),
         ("the merge's GETs replayed, s3fs cat_ranges", f"{format_bytes(cat_ranges_rate)}/s",
          f"{len(gets)} ranged GETs (<= 8 MiB) at once, {replays['cat_ranges'][1]:.2f} s"),
-        ("the merge's reads replayed, distmerge read_remote_many", rate(*replays["read_remote"]),
-         f"{args.num_workers} threads, no Ray, no compute, {replays['read_remote'][1]:.2f} s"),
+        *[(f"the merge's reads replayed, read_remote_many via {client}", rate(*replays[key][:2]),
+           f"{args.num_workers} threads, no Ray, no compute, {replays[key][1]:.2f} s, "
+           f"client CPU {replays[key][2]:.2f} s")
+          for key, client in (("read_remote", "the direct client"), ("read_remote_s3fs", "s3fs"))],
     ]
     if s3_rate:
         details.append(("ratio merge / the merge's GETs via cat_ranges", f"{s3_rate / cat_ranges_rate:.3f}", ""))
@@ -507,7 +515,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "raw_reads": {k: [{"bytes": b, "seconds": s} for b, s in v] for k, v in raw.items()},
         "raw_read_bytes_per_s": raw_rate,
         "merge_gets": len(gets),
-        "replays": {k: {"bytes": b, "seconds": t} for k, (b, t) in replays.items()},
+        "replays": {k: {"bytes": r[0], "seconds": r[1], **({"client_cpu_seconds": r[2]} if len(r) > 2 else {})}
+                    for k, r in replays.items()},
         "s3_merge_bytes_per_s": s3_rate, "s3_merge_net_bytes_per_s": net,
         "ratio_merge_over_raw": s3_rate / raw_rate if s3_rate else None,
         "fixed_cost_merges": [r.to_json() for r in tinies], "fixed_cost_s": fixed_s,
