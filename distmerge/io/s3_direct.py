@@ -434,7 +434,7 @@ class DirectS3:
             if connection is None:
                 break
             sock = connection.sock
-            if sock is not None and now - since < IDLE_SECONDS and not select.select([sock], [], [], 0)[0]:
+            if sock is not None and now - since < IDLE_SECONDS and not _readable(sock):
                 return connection
             connection.close()
         if self.secure:
@@ -503,6 +503,17 @@ class DirectS3:
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
             self._signing_keys[(day, region)] = key
         return key
+
+
+def _readable(sock) -> bool:
+    """Whether an idle socket has something to read: EOF (the server closed it) or bytes
+    nobody asked for; either way it is not fit for the next request. poll(), not
+    select(), which fails on descriptors past 1024 (a Ray worker may hold that many)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _canonical_query(query: Dict[str, str]) -> str:
