@@ -11,15 +11,19 @@ from typing import Callable, Optional
 
 DROP = "drop"
 TRUNCATE = "truncate"
+CHUNKED = "chunked"
+CHUNKED_SHORT = "chunked-short"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
 class S3Proxy:
     """Forwards every request to the S3 server at `upstream_port`; counts GET body bytes; optional fault hook.
 
-    `fault(method, path, headers)` may return (status, body) to answer instead of S3,
-    DROP to close the connection without answering (after reading the request), or
-    TRUNCATE to relay S3's answer but cut its body in half and close the connection.
+    `fault(method, path, headers)` may return (status, body) or (status, body, headers) to
+    answer instead of S3, DROP to close the connection without answering (after reading
+    the request), TRUNCATE to relay S3's answer but cut its body in half and close the
+    connection, or CHUNKED (CHUNKED_SHORT) to relay its answer in chunked encoding (only
+    the first half of its body, ended cleanly).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -47,9 +51,11 @@ class S3Proxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if answer is not None and answer != TRUNCATE:
-                    status, payload = answer
+                if answer is not None and answer not in (TRUNCATE, CHUNKED, CHUNKED_SHORT):
+                    status, payload, *extra = answer
                     self.send_response(status)
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
@@ -69,6 +75,15 @@ class S3Proxy:
                 for k, v in response.getheaders():
                     if k.lower() not in HOP_HEADERS and k.lower() != "content-length":
                         self.send_header(k, v)
+                if answer in (CHUNKED, CHUNKED_SHORT) and self.command == "GET":
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    sent = payload[:len(payload) // 2] if answer == CHUNKED_SHORT else payload
+                    for at in range(0, len(sent), 100):
+                        piece = sent[at:at + 100]
+                        self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(payload)))
                 self.end_headers()

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from distmerge.errors import ConfigError, InputError
-from distmerge.io.s3_direct import DirectS3, DirectS3Files, RetryBudget, S3AccessDenied, S3NotFound, _error
+from distmerge.io.s3_direct import (DirectS3, DirectS3Files, RetryBudget, S3AccessDenied, S3NotFound, _error,
+                                    backoff)
 from distmerge.io.storage import Storage, s3_error_code
-from s3util import error_xml
+from s3util import CHUNKED, CHUNKED_SHORT, DROP, error_xml
 
 ODD_KEYS = ["plain.bin", "with space.bin", "plus+equals=amp&.bin", "unicodé/ñame.bin", "tilde~star*quote'.bin",
             "semi;colon,comma(paren).bin"]
@@ -94,6 +95,21 @@ def test_the_shared_config_file_is_read_as_botocore_reads_it(tmp_path):
         DirectS3.from_options({**options, "direct_reads": "false"}, environ)
 
 
+def test_the_config_files_profile_default_section_counts_and_its_path_expands(tmp_path, monkeypatch):
+    """botocore reads `[profile default]` as the default profile too (the later section
+    winning), and expands variables in AWS_CONFIG_FILE."""
+    config = tmp_path / "config"
+    environ = {"AWS_CONFIG_FILE": str(config)}
+    options = {"key": "k", "secret": "s"}
+    config.write_text("[default]\nregion = eu-north-1\n[profile default]\nregion = us-west-2\n")
+    assert DirectS3.from_options(options, environ).region == "us-west-2"
+    for setting in ("endpoint_url = http://127.0.0.1:1", "use_fips_endpoint = true", "s3 =\n  addressing_style = path"):
+        config.write_text(f"[default]\nregion = eu-north-1\n[profile default]\n{setting}\n")
+        assert DirectS3.from_options(options, environ) is None, setting
+    monkeypatch.setenv("DISTMERGE_TEST_CONFIG_DIR", str(tmp_path))
+    assert DirectS3.from_options(options, {"AWS_CONFIG_FILE": "$DISTMERGE_TEST_CONFIG_DIR/config"}) is None
+
+
 def test_attempts_follow_botocore_and_s3fs(tmp_path):
     """botocore's attempts for error answers (`max_attempts` counts retries after the first,
     `total_max_attempts`, what botocore rewrites it into in place, counts them all), times
@@ -106,6 +122,20 @@ def test_attempts_follow_botocore_and_s3fs(tmp_path):
     assert (budget.attempts, budget.most) == (3, 6)
     retries = {"mode": "legacy", "total_max_attempts": 3}
     assert DirectS3.from_options({**base, "retries": 2, "config_kwargs": {"retries": retries}}, environ).attempts == 6
+
+
+def test_retries_wait_as_botocore_and_s3fs_wait():
+    """Within one botocore call (`attempts` attempts), botocore's standard backoff: uniform
+    up to 1 s, 2 s, 4 s ... at most 20 s; between s3fs's tries of it, s3fs's own pause
+    (0.1 s, then 1.7 times longer each time)."""
+    budget = RetryBudget(attempts=3, tries=3)
+    samples = [[budget.pause(made) for made in range(1, 9)] for _ in range(400)]
+    firsts, seconds = [s[0] for s in samples], [s[1] for s in samples]
+    assert 0 <= min(firsts) and max(firsts) <= 1 < max(seconds) <= 2
+    assert all(s[2] == pytest.approx(0.1) and s[5] == pytest.approx(0.17) for s in samples)
+    assert max(s[3] for s in samples) <= 1 and max(s[7] for s in samples) <= 2
+    late = [backoff(9) for _ in range(400)]
+    assert max(late) <= 20 < 2**9 and max(late) > 10
 
 
 def test_addressing_is_virtual_hosted_on_aws_and_path_style_elsewhere(tmp_path):
@@ -329,3 +359,152 @@ def quote_key(key: str) -> str:
     from urllib.parse import quote
 
     return quote(key, safe="/~")
+
+
+def _scope_region(headers) -> str:
+    import re
+
+    return re.search(r"Credential=[^/]+/\d+/([^/]+)/", headers.get("Authorization", "")).group(1)
+
+
+def test_a_wrong_region_answer_is_followed_on_any_endpoint(s3, bucket_with_objects, tmp_path):
+    """A server configured for a region answers requests signed for another with 400
+    AuthorizationHeaderMalformed naming it (a HEAD: with x-amz-bucket-region); as botocore,
+    the client signs for that region from then on, at the same endpoint, without spending
+    an attempt. A region that is no region name is not followed."""
+    bucket, objects = bucket_with_objects
+    key, data = next(iter(objects.items()))
+    seen = []
+
+    def wants_eu_west_3(method, path, headers):
+        region = _scope_region(headers)
+        seen.append((method, region))
+        if region == "eu-west-3":
+            return None
+        if method == "HEAD":
+            return 400, b"", {"x-amz-bucket-region": "eu-west-3"}
+        body = error_xml("AuthorizationHeaderMalformed", f"the region '{region}' is wrong; expecting 'eu-west-3'")
+        return 400, body.replace(b"</Error>", b"<Region>eu-west-3</Region></Error>")
+
+    options = {**s3.options, "retries": 1, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "none")}
+    s3.proxy.fault = wants_eu_west_3
+    try:
+        client = DirectS3.from_options(options, environ)
+        assert client.attempts == 1 and client.region == "us-east-1"
+        assert client.get(bucket, key, 0, 10) == data[:10]
+        assert client.head(bucket, key)["size"] == len(data)
+        assert seen == [("GET", "us-east-1"), ("GET", "eu-west-3"), ("HEAD", "eu-west-3")]
+        seen.clear()
+        assert DirectS3.from_options(options, environ).head(bucket, key)["size"] == len(data)
+        assert seen == [("HEAD", "us-east-1"), ("HEAD", "eu-west-3")]
+        s3.proxy.fault = lambda method, path, headers: (400, error_xml("AuthorizationHeaderMalformed", "wrong")
+                                                        .replace(b"</Error>", b"<Region>evil.host/x</Region></Error>"))
+        with pytest.raises(OSError, match="AuthorizationHeaderMalformed"):
+            DirectS3.from_options(options, environ).get(bucket, key, 0, 10)
+    finally:
+        s3.proxy.fault = None
+
+
+def test_a_reused_connection_closed_as_the_request_goes_is_sent_again_uncounted(s3, bucket_with_objects, tmp_path):
+    """A keep-alive connection the server closes just as a request is sent on it (an idle
+    timeout shorter than ours) costs no attempt: the request goes again at once on a new
+    one. A new connection that drops is an attempt."""
+    bucket, objects = bucket_with_objects
+    key, data = next(iter(objects.items()))
+    options = {**s3.options, "retries": 1, "config_kwargs": {"retries": {"max_attempts": 0}}}
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "none")}
+    client = DirectS3.from_options(options, environ)
+    assert client.get(bucket, key, 0, 10) == data[:10]  # leaves its connection in the pool
+    dropped = []
+
+    def drop_once(method, path, headers):
+        if not dropped:
+            dropped.append(path)
+            return DROP
+        return None
+
+    s3.proxy.fault = drop_once
+    try:
+        assert client.get(bucket, key, 10, 20) == data[10:20]
+        assert len(dropped) == 1
+        s3.proxy.fault = lambda method, path, headers: DROP
+        with pytest.raises(ConnectionError, match=r"GET failed 1 time\(s\), last: RemoteDisconnected"):
+            DirectS3.from_options(options, environ).get(bucket, key, 0, 10)
+    finally:
+        s3.proxy.fault = None
+
+
+def test_chunked_answers_are_read_whole_and_a_short_one_fails_at_once(s3, bucket_with_objects, tmp_path):
+    bucket, objects = bucket_with_objects
+    key, data = next(iter(objects.items()))
+    client = DirectS3.from_options(s3.options, {"AWS_CONFIG_FILE": str(tmp_path / "none")})
+    view = memoryview(bytearray(600))
+    s3.proxy.fault = lambda method, path, headers: CHUNKED
+    try:
+        client.read_into(bucket, key, 5, view)
+        assert bytes(view) == data[5:605]
+        s3.proxy.fault = lambda method, path, headers: CHUNKED_SHORT
+        s3.proxy.reset()
+        with pytest.raises(InputError, match=r"short read at bytes 5-605 \(300 of 600\)"):
+            client.read_into(bucket, key, 5, view)
+        assert len(s3.proxy.requests) == 1  # not retried: the answer was whole, and wrong
+    finally:
+        s3.proxy.fault = None
+
+
+def test_idle_connections_are_capped_and_the_oldest_reaped(s3, bucket_with_objects, tmp_path, monkeypatch):
+    """Keep-alive connections left idle after a burst: at most `max_pool_connections` are
+    kept, and once the oldest have sat idle too long they are closed, even while newer
+    ones are in use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distmerge.io import s3_direct
+
+    bucket, objects = bucket_with_objects
+    keys = list(objects) * 4
+    environ = {"AWS_CONFIG_FILE": str(tmp_path / "none")}
+    capped = DirectS3.from_options({**s3.options, "config_kwargs": {"max_pool_connections": 2}}, environ)
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda k: capped.get(bucket, k, 0, 10), keys)) == [objects[k][:10] for k in keys]
+    assert sum(map(len, capped._idle.values())) <= 2
+    client = DirectS3.from_options(s3.options, environ)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: client.get(bucket, k, 0, 10), keys))
+    idle = [conn for conns in client._idle.values() for conn, _ in conns]
+    assert len(idle) > 1
+    monkeypatch.setattr(s3_direct, "IDLE_SECONDS", 0.2)
+    import time
+
+    time.sleep(0.3)
+    assert client.get(bucket, keys[0], 0, 10) == objects[keys[0]][:10]
+    assert sum(map(len, client._idle.values())) == 1
+    assert all(conn.sock is None for conn in idle[:-1])
+
+
+def test_directory_buckets_and_arns_are_read_through_s3fs(s3, bucket_with_objects):
+    """S3 Express directory buckets, Object Lambda and access point aliases and ARNs need
+    botocore's endpoints and sessions: their reads go through s3fs, others' still direct,
+    also within one fetch."""
+    from distmerge.io.remote import read_remote_many
+
+    assert DirectS3.serves("models") and DirectS3.serves("my--bucket")
+    for name in ("models--usw2-az1--x-s3", "ap--ol-s3", "ap--op-s3", "arn:aws:s3:us-west-2:123456789012:accesspoint/a"):
+        assert not DirectS3.serves(name), name
+    storage = Storage(s3.options)
+    assert not isinstance(storage.read_filesystem("s3://models--usw2-az1--x-s3/k"), DirectS3Files)
+    bucket, objects = bucket_with_objects
+    assert isinstance(storage.read_filesystem(f"s3://{bucket}/k"), DirectS3Files)
+    special = f"{bucket}--ol-s3"  # not --x-s3: botocore would ask SeaweedFS for a session
+    s3.client().create_bucket(Bucket=special)
+    key, data = next(iter(objects.items()))
+    s3.client().put_object(Bucket=special, Key=key, Body=data)
+    agents = []
+    s3.proxy.fault = lambda method, path, headers: agents.append((path.split("/")[1], headers.get("User-Agent", "")))
+    try:
+        got = read_remote_many(storage, [(f"s3://{special}/{key}", 0, 100, ""), (f"s3://{bucket}/{key}", 0, 100, "")])
+    finally:
+        s3.proxy.fault = None
+    assert [bytes(g) for g in got] == [data[:100], data[:100]]
+    assert {name for name, agent in agents if "Botocore" in agent} == {special}
+    assert {name for name, agent in agents if "Botocore" not in agent} == {bucket}

@@ -141,13 +141,16 @@ def _direct_read(client, requests: Sequence[Tuple[str, int, int, str, memoryview
               for url, start, end, etag, view in requests for a, b in _chunks(start, end)]
     with ThreadPoolExecutor(min(CONCURRENT_REQUESTS, len(chunks)), thread_name_prefix="s3-get") as pool:
         jobs = [pool.submit(one, *chunk) for chunk in chunks]
-        done, _ = wait(jobs, return_when=FIRST_EXCEPTION)
-        failed = next((job for job in jobs if job in done and job.exception() is not None), None)
-        if failed is not None:
-            cancel.set()
-            for job in jobs:
-                job.cancel()
-            raise failed.exception()
+        try:
+            done, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+            failed = next((job for job in jobs if job in done and job.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+        finally:  # a failure, or an interrupt of this thread: the rest stop (the pool waits for running ones)
+            if not all(job.done() for job in jobs):
+                cancel.set()
+                for job in jobs:
+                    job.cancel()
 
 
 Request = Tuple[str, int, int, str]  # (url, start, end, version)
@@ -186,15 +189,15 @@ def _read_spans(storage: Storage, requests: Sequence[Request]) -> List[memoryvie
     buffers = [_buffer(end - start) for _, start, end, _ in requests]
     s3_requests = [(u, a, b, v, buf) for (u, a, b, v), buf in zip(requests, buffers)
                    if b > a and split_url(u)[0] == "s3"]
-    if s3_requests:
-        client = storage.direct_s3()
-        if client is not None:
-            _direct_read(client, s3_requests)
-        else:
-            from fsspec.asyn import sync
+    direct = [r for r in s3_requests if storage.direct_s3_for(r[0]) is not None]
+    through_s3fs = [r for r in s3_requests if storage.direct_s3_for(r[0]) is None]
+    if direct:
+        _direct_read(storage.direct_s3(), direct)
+    if through_s3fs:
+        from fsspec.asyn import sync
 
-            fs = storage.filesystem(s3_requests[0][0])
-            sync(fs.loop, _s3_read, fs, s3_requests)
+        fs = storage.filesystem(through_s3fs[0][0])
+        sync(fs.loop, _s3_read, fs, through_s3fs)
     for (url, start, end, version), buffer in zip(requests, buffers):
         if end > start and split_url(url)[0] != "s3":
             buffer[:] = _read_generic(storage, url, start, end, version)

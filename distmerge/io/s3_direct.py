@@ -26,8 +26,11 @@ This client serves reads only, and only where it would send what botocore sends
 - retries, as s3fs over botocore: a request is made up to `config_kwargs.retries`'
   attempts (max_attempts + 1, or total_max_attempts) on 5xx, 429 and 400 RequestTimeout
   answers, and that many times s3fs's `retries` on dropped connections, bodies cut short
-  and SlowDown, with capped, jittered backoff; timeouts are s3fs's (5 s to connect, 15 s
+  and SlowDown, waiting as they wait (botocore's jittered exponential backoff within a
+  call, s3fs's pause between its tries); timeouts are s3fs's (5 s to connect, 15 s
   between bytes) unless `config_kwargs` sets them.
+- buckets: any but S3 Express directory buckets, Object Lambda and access point aliases
+  and ARNs (`DirectS3.serves`), which need botocore's endpoints and sessions.
 
 The storage option `direct_reads: false` sends every read through s3fs.
 """
@@ -58,9 +61,10 @@ CONNECT_TIMEOUT = 5.0  # s3fs's connect and read timeouts (it overrides botocore
 READ_TIMEOUT = 15.0
 IDLE_SECONDS = 10.0  # a pooled connection idle longer is dropped (aiobotocore keeps 12 s)
 RETRY_STATUSES = {429, 500, 502, 503, 504}
-SLOW_DOWN = ("SlowDown", "reduce your request rate")  # what s3fs's own tries repeat, besides dropped connections
-BACKOFF_BASE = 0.1
-BACKOFF_CAP = 5.0
+SLOW_DOWN_CODE, SLOW_DOWN_MESSAGE = "SlowDown", "reduce your request rate"  # what s3fs's tries repeat, as drops
+BACKOFF_CAP = 20.0  # botocore's standard mode: random() * min(2 ** (attempt - 1), 20) s before a retry
+TRIES_PAUSE_BASE, TRIES_PAUSE_GROWTH, TRIES_PAUSE_CAP = 0.1, 1.7, 15.0  # s3fs's pause between its tries
+IDLE_CONNECTIONS = 64  # idle keep-alive connections kept per host (unless max_pool_connections says)
 DIRECT_OPTIONS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "retries",
                   "direct_reads", "default_block_size", "skip_instance_cache"}
 DIRECT_CLIENT_KWARGS = {"region_name", "endpoint_url"}
@@ -78,8 +82,13 @@ CONFIG_FILE_KEYS = {"region", "output", "aws_access_key_id", "aws_secret_access_
                     "sso_account_id", "sso_role_name", "sso_region", "sso_start_url"}
 AWS_REGION_NAME = re.compile(r"(?!cn-)[a-z]{2}(-gov)?-[a-z]+-\d+")  # the aws and aws-us-gov partitions (not cn-, iso)
 UNSIGNED_EMPTY = hashlib.sha256(b"").hexdigest()
+CLOSED_UNDER_US = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 _JITTER = random.Random()  # its own, so that retries never move a global random state
 _VIRTUAL_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_REGION_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # what a server may name as a region
+# Directory buckets (S3 Express One Zone), Object Lambda and access point aliases, ARNs:
+# botocore reaches these through their own endpoints and sessions.
+_SPECIAL_BUCKET = re.compile(r"^arn:|--(x-s3|ol-s3|op-s3)$")
 
 
 class S3ResponseError(OSError):
@@ -90,6 +99,7 @@ class S3ResponseError(OSError):
         super().__init__(f"{url}: {code or f'HTTP {status}'}" + (f": {message}" if message else ""))
         self.status = status
         self.code = code
+        self.message = message
         self.region = region  # where S3 says the bucket is (a redirect), if it says
         self.response = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
@@ -129,12 +139,23 @@ class RetryBudget:
     def most(self) -> int:
         return self.attempts * self.tries
 
+    def pause(self, made: int) -> float:
+        """Seconds to wait after the `made`-th failed attempt: botocore's backoff within
+        one of s3fs's tries (a botocore call of `attempts` attempts), s3fs's own pause
+        between two of them."""
+        within, tries_done = made % self.attempts, made // self.attempts
+        if within:
+            return backoff(within - 1)
+        return min(TRIES_PAUSE_BASE * TRIES_PAUSE_GROWTH ** (tries_done - 1), TRIES_PAUSE_CAP)
 
-def _retry_budget(options: Mapping[str, Any]) -> Optional[RetryBudget]:
+
+def _retry_budget(options: Mapping[str, Any], environ: Mapping[str, str]) -> Optional[RetryBudget]:
     """The options' budget, read as botocore and s3fs read it (`max_attempts` counts the
     retries after the first; botocore rewrites it in place as `total_max_attempts`, which
     counts them all); None where botocore would look elsewhere for it (a mode without a
-    number: the environment, the config file) or the values are bad (s3fs says so)."""
+    number: the environment, the config file; a number without a mode, where the
+    environment names a mode other than standard or legacy) or the values are bad (s3fs
+    says so)."""
     config = options.get("config_kwargs") or {}
     tries = options.get("retries", S3FS_RETRIES)
     if "retries" not in config:
@@ -142,7 +163,7 @@ def _retry_budget(options: Mapping[str, Any]) -> Optional[RetryBudget]:
     else:
         retries = config["retries"]
         if (not isinstance(retries, Mapping) or set(retries) - {"mode", "max_attempts", "total_max_attempts"}
-                or retries.get("mode", "standard") not in ("standard", "legacy")):
+                or retries.get("mode", environ.get("AWS_RETRY_MODE") or "legacy") not in ("standard", "legacy")):
             return None
         if "total_max_attempts" in retries:
             attempts = retries["total_max_attempts"]
@@ -173,9 +194,11 @@ def _credentials(options: Mapping[str, Any], environ: Mapping[str, str]) -> Tupl
 
 
 def _shared_config(environ: Mapping[str, str]) -> Optional[Dict[str, str]]:
-    """The shared config file's default profile, or None where it sets anything this client
-    does not do as botocore would (an endpoint, addressing style, CA bundle, retries...)."""
-    path = os.path.expanduser(environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    """The shared config file's default profile (its `[default]` and `[profile default]`
+    sections, the later winning, as botocore reads them), or None where it sets anything
+    this client does not do as botocore would (an endpoint, addressing style, CA bundle,
+    retries...)."""
+    path = os.path.expanduser(os.path.expandvars(environ.get("AWS_CONFIG_FILE") or "~/.aws/config"))
     if not os.path.exists(path):
         return {}
     parser = configparser.RawConfigParser()
@@ -183,9 +206,10 @@ def _shared_config(environ: Mapping[str, str]) -> Optional[Dict[str, str]]:
         parser.read(path)
     except (configparser.Error, OSError, UnicodeDecodeError):
         return None
-    if not parser.has_section("default"):
-        return {}
-    profile = dict(parser.items("default"))
+    profile: Dict[str, str] = {}
+    for section in parser.sections():
+        if section.strip() == "default" or section.split() == ["profile", "default"]:
+            profile.update(parser.items(section))
     if any(k not in CONFIG_FILE_KEYS and not k.startswith("cli_") for k in profile):
         return None
     return profile
@@ -202,7 +226,8 @@ class DirectS3:
 
     def __init__(self, endpoint: str, region: str, credentials: Optional[Credentials], *, aws: bool = False,
                  budget: RetryBudget = RetryBudget(), ca_bundle: Optional[str] = None,
-                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 idle_connections: int = IDLE_CONNECTIONS) -> None:
         parts = urlsplit(endpoint)
         self.secure = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -213,6 +238,7 @@ class DirectS3:
         self.budget = budget
         self.ca_bundle = ca_bundle or None
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.idle_connections = idle_connections
         self._idle: Dict[Tuple[str, int], List[Tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
         self._signing_keys: Dict[Tuple[str, str], bytes] = {}
@@ -223,6 +249,12 @@ class DirectS3:
     def attempts(self) -> int:
         """The most attempts one request can take."""
         return self.budget.most
+
+    @staticmethod
+    def serves(bucket: str) -> bool:
+        """Whether this client reads from `bucket`: not directory buckets (S3 Express),
+        Object Lambda or access point aliases and ARNs, which only botocore addresses."""
+        return not _SPECIAL_BUCKET.search(bucket)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any],
@@ -240,7 +272,7 @@ class DirectS3:
                 or not isinstance(config_kwargs, Mapping) or set(config_kwargs) - DIRECT_CONFIG_KWARGS
                 or any(environ.get(name) for name in DECLINING_VARIABLES)):
             return None
-        budget = _retry_budget(options)
+        budget = _retry_budget(options, environ)
         signs, credentials = _credentials(options, environ)
         shared = _shared_config(environ)
         connect_timeout = _timeout(config_kwargs, "connect_timeout", CONNECT_TIMEOUT)
@@ -250,8 +282,11 @@ class DirectS3:
         region = client_kwargs.get("region_name") or environ.get("AWS_DEFAULT_REGION") or shared.get("region")
         endpoint = (options.get("endpoint_url") or client_kwargs.get("endpoint_url")
                     or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"))
+        pool = config_kwargs.get("max_pool_connections", IDLE_CONNECTIONS)
+        if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+            return None
         settings = dict(budget=budget, ca_bundle=environ.get("AWS_CA_BUNDLE"), connect_timeout=connect_timeout,
-                        read_timeout=read_timeout)
+                        read_timeout=read_timeout, idle_connections=pool)
         if endpoint:
             parts = urlsplit(str(endpoint))
             if (parts.scheme not in ("http", "https") or not parts.hostname or ":" in parts.hostname
@@ -336,21 +371,23 @@ class DirectS3:
     def _call(self, method: str, bucket: str, key: str, *, query: Optional[Dict[str, str]] = None,
               headers: Optional[Dict[str, str]] = None, into: Optional[memoryview] = None, start: int = 0,
               cancel: Optional[threading.Event] = None) -> Tuple[int, Dict[str, str], bytes]:
-        """Send one request, again where botocore or s3fs would (see `RetryBudget`), after a
-        backoff; once more, at once, where S3 redirects to the bucket's region.
-        (status, lowercased headers, body; empty when read `into`)."""
+        """Send one request, again where botocore or s3fs would (see `RetryBudget`), after
+        their pause; once more, at once and uncounted, where the server names the bucket's
+        region (a redirect, or a "wrong region" answer: on any endpoint, as botocore) or
+        where a reused keep-alive connection turns out closed before any answer (as
+        urllib3 and aiohttp do). (status, lowercased headers, body; empty when read `into`)."""
         url = f"s3://{bucket}/{key}"
-        made, redirected, last = 0, False, None
+        made, redirected, resent, last = 0, False, False, None
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled(url)
             host, path, region = self._address(bucket, key)
             target = quote(path, safe="/~") + ("?" + _canonical_query(query) if query else "")
             signed = self._signed(method, host, path, query or {}, dict(headers or {}), region)
-            connection = None
+            connection, reused, response = None, False, None
             made += 1
             try:
-                connection = self._connection(host)
+                connection, reused = self._connection(host)
                 connection.request(method, target, headers=signed)
                 response = connection.getresponse()
                 answer = {k.lower(): v for k, v in response.getheaders()}
@@ -362,6 +399,9 @@ class DirectS3:
             except (OSError, http.client.HTTPException) as err:
                 if connection is not None:
                     connection.close()
+                if reused and response is None and not resent and isinstance(err, CLOSED_UNDER_US):
+                    resent, made = True, made - 1  # the server closed it as we sent: not an attempt
+                    continue
                 last, limit = err, self.budget.most
             except BaseException:
                 if connection is not None:
@@ -372,23 +412,32 @@ class DirectS3:
                 if response.status < 300:
                     return response.status, answer, body
                 error = _error(url, response.status, body, answer)
-                if self.aws and error.region and error.region != region and not redirected:
-                    self._bucket_regions[bucket] = error.region  # S3 said where the bucket is: ask there
+                moved = self._named_region(error)
+                if moved and moved != region and not redirected:
+                    self._bucket_regions[bucket] = moved  # the server said where the bucket is: ask there
                     redirected, made = True, made - 1
                     continue
                 if not _retryable(error):
                     raise error
-                slow_down = any(word in str(error) for word in SLOW_DOWN)
+                slow_down = error.code == SLOW_DOWN_CODE or SLOW_DOWN_MESSAGE in error.message
                 last, limit = error, self.budget.most if slow_down else self.budget.attempts
             if made >= limit:
                 raise ConnectionError(f"{url}: {method} failed {made} time(s), last: {type(last).__name__}: "
                                       f"{last}") from last
-            pause = backoff(made - 1)
+            pause = self.budget.pause(made)
             if cancel is not None:
                 if cancel.wait(pause):
                     raise Cancelled(url)
             else:
                 time.sleep(pause)
+
+    def _named_region(self, error: S3ResponseError) -> str:
+        """The region a redirect or a "wrong region" answer names for the bucket ("" if none,
+        or none this client may address: on AWS, one of its own partitions' regions)."""
+        if error.status not in (301, 302, 307, 400) or not error.region:
+            return ""
+        valid = AWS_REGION_NAME if self.aws else _REGION_LABEL
+        return error.region if valid.fullmatch(error.region) else ""
 
     @staticmethod
     def _read_body_into(url: str, response: http.client.HTTPResponse, answer: Dict[str, str], view: memoryview,
@@ -400,7 +449,10 @@ class DirectS3:
         filled = 0
         while filled < len(view):
             n = response.readinto(view[filled:])
-            if not n:
+            if not n and length is None:  # a chunked answer that ended cleanly: whole, but short
+                raise InputError(f"{url}: short read at bytes {start}-{start + len(view)} ({filled} of "
+                                 f"{len(view)})")
+            if not n:  # cut: http.client reads no more than Content-Length, and 0 when the peer closes
                 raise ShortBody(f"{url}: the answer ended after {filled} of {len(view)} bytes")
             filled += n
         if length is None and response.read(1):  # a chunked answer: it must end here too
@@ -417,14 +469,14 @@ class DirectS3:
                 return f"{bucket}.{host}", f"/{key}", region
             return host, f"/{bucket}/{key}" if key else f"/{bucket}", region
         netloc = self.host if self.port == (443 if self.secure else 80) else f"{self.host}:{self.port}"
-        return netloc, f"/{bucket}/{key}" if key else f"/{bucket}", self.region
+        return netloc, f"/{bucket}/{key}" if key else f"/{bucket}", self._bucket_regions.get(bucket, self.region)
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _connection(self, host: str) -> http.client.HTTPConnection:
-        """A live idle keep-alive connection to `host`, else a new one. An idle connection
-        the server has closed (its socket reads EOF), or that sat idle past IDLE_SECONDS
-        (servers and balancers drop those), is thrown away, not tried."""
+    def _connection(self, host: str) -> Tuple[http.client.HTTPConnection, bool]:
+        """(a live idle keep-alive connection to `host`, True), else (a new one, False). An
+        idle connection the server has closed (its socket reads EOF), or that sat idle past
+        IDLE_SECONDS (servers and balancers drop those), is thrown away, not tried."""
         name = host if self.aws else self.host
         now = time.monotonic()
         while True:
@@ -435,16 +487,20 @@ class DirectS3:
                 break
             sock = connection.sock
             if sock is not None and now - since < IDLE_SECONDS and not _readable(sock):
-                return connection
+                return connection, True
             connection.close()
         if self.secure:
             connection = http.client.HTTPSConnection(name, self.port, timeout=self.connect_timeout,
                                                      context=self._tls_context())
         else:
             connection = http.client.HTTPConnection(name, self.port, timeout=self.connect_timeout)
-        connection.connect()
-        connection.sock.settimeout(self.read_timeout)
-        return connection
+        try:
+            connection.connect()
+            connection.sock.settimeout(self.read_timeout)
+        except BaseException:
+            connection.close()  # a failed TLS handshake leaves its TCP socket open otherwise
+            raise
+        return connection, False
 
     def _release(self, host: str, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep the connection for the next request unless the server is closing it."""
@@ -452,8 +508,12 @@ class DirectS3:
             connection.close()
             return
         name = host if self.aws else self.host
+        now = time.monotonic()
         with self._lock:
-            self._idle.setdefault((name, self.port), []).append((connection, time.monotonic()))
+            idle = self._idle.setdefault((name, self.port), [])
+            idle.append((connection, now))
+            while idle and (now - idle[0][1] >= IDLE_SECONDS or len(idle) > self.idle_connections):
+                idle.pop(0)[0].close()  # the oldest first: below the top, nothing else would look at them
 
     def _tls_context(self) -> ssl.SSLContext:
         """One per client: AWS_CA_BUNDLE's CAs, else certifi's (botocore's), else the system's."""
@@ -548,8 +608,9 @@ def _error(url: str, status: int, body: bytes, headers: Mapping[str, str]) -> S3
 
 
 def backoff(attempt: int) -> float:
-    """Seconds to wait before retry `attempt + 1`: exponential, capped, with jitter."""
-    return min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * (0.5 + _JITTER.random() / 2)
+    """Seconds to wait before retry `attempt + 1` (0: the first retry): botocore's standard
+    schedule, uniformly up to 2**attempt s, at most 20 s."""
+    return _JITTER.random() * min(2.0**attempt, BACKOFF_CAP)
 
 
 def split_bucket(url: str) -> Tuple[str, str]:

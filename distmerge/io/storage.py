@@ -107,15 +107,26 @@ class Storage:
                 _DIRECT[cache_key] = DirectS3.from_options(self.options)
             return _DIRECT[cache_key]
 
+    def direct_s3_for(self, url: str):
+        """The direct S3 client where it serves reads of `url` (an s3:// URL, these options,
+        its bucket), else None."""
+        if split_url(url)[0] != "s3":
+            return None
+        client = self.direct_s3()
+        if client is None:
+            return None
+        from distmerge.io.s3_direct import split_bucket
+
+        return client if client.serves(split_bucket(url)[0]) else None
+
     def read_filesystem(self, url: str):
         """What answers metadata reads (info, exists, cat_file, ls) of `url`: the direct S3
-        client where it serves these options, else the fsspec filesystem."""
-        if split_url(url)[0] == "s3":
-            client = self.direct_s3()
-            if client is not None:
-                from distmerge.io.s3_direct import DirectS3Files
+        client where it serves them, else the fsspec filesystem."""
+        client = self.direct_s3_for(url)
+        if client is not None:
+            from distmerge.io.s3_direct import DirectS3Files
 
-                return DirectS3Files(client)
+            return DirectS3Files(client)
         return self.filesystem(url)
 
     def _new_filesystem(self, protocol: str):
