@@ -46,6 +46,7 @@ import os
 import random
 import re
 import select
+import shlex
 import ssl
 import threading
 import time
@@ -55,7 +56,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from distmerge.errors import ConfigError, InputError
-from distmerge.io.storage import S3_ATTEMPTS, S3FS_RETRIES
+from distmerge.io.storage import S3_ATTEMPTS, S3_CONNECTIONS, S3FS_RETRIES
 
 CONNECT_TIMEOUT = 5.0  # s3fs's connect and read timeouts (it overrides botocore's 60 s)
 READ_TIMEOUT = 15.0
@@ -64,7 +65,7 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 SLOW_DOWN_CODE, SLOW_DOWN_MESSAGE = "SlowDown", "reduce your request rate"  # what s3fs's tries repeat, as drops
 BACKOFF_CAP = 20.0  # botocore's standard mode: random() * min(2 ** (attempt - 1), 20) s before a retry
 TRIES_PAUSE_BASE, TRIES_PAUSE_GROWTH, TRIES_PAUSE_CAP = 0.1, 1.7, 15.0  # s3fs's pause between its tries
-IDLE_CONNECTIONS = 64  # idle keep-alive connections kept per host (unless max_pool_connections says)
+IDLE_CONNECTIONS = S3_CONNECTIONS  # idle keep-alive connections kept per host, unless max_pool_connections says
 DIRECT_OPTIONS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs", "retries",
                   "direct_reads", "default_block_size", "skip_instance_cache"}
 DIRECT_CLIENT_KWARGS = {"region_name", "endpoint_url"}
@@ -85,10 +86,11 @@ UNSIGNED_EMPTY = hashlib.sha256(b"").hexdigest()
 CLOSED_UNDER_US = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 _JITTER = random.Random()  # its own, so that retries never move a global random state
 _VIRTUAL_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-_REGION_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # what a server may name as a region
-# Directory buckets (S3 Express One Zone), Object Lambda and access point aliases, ARNs:
+_REGION_LABEL = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # botocore's validate_region_name
+# Directory buckets (S3 Express One Zone) and their access points, Object Lambda and
+# Outposts access point aliases, ARNs:
 # botocore reaches these through their own endpoints and sessions.
-_SPECIAL_BUCKET = re.compile(r"^arn:|--(x-s3|ol-s3|op-s3)$")
+_SPECIAL_BUCKET = re.compile(r"^arn:|--(x-s3|xa-s3|ol-s3|op-s3)$")
 
 
 class S3ResponseError(OSError):
@@ -194,10 +196,9 @@ def _credentials(options: Mapping[str, Any], environ: Mapping[str, str]) -> Tupl
 
 
 def _shared_config(environ: Mapping[str, str]) -> Optional[Dict[str, str]]:
-    """The shared config file's default profile (its `[default]` and `[profile default]`
-    sections, the later winning, as botocore reads them), or None where it sets anything
-    this client does not do as botocore would (an endpoint, addressing style, CA bundle,
-    retries...)."""
+    """The shared config file's default profile (the last of its `[default]` and `[profile
+    default]` sections, as botocore reads them), or None where it sets anything this client
+    does not do as botocore would (an endpoint, addressing style, CA bundle, retries...)."""
     path = os.path.expanduser(os.path.expandvars(environ.get("AWS_CONFIG_FILE") or "~/.aws/config"))
     if not os.path.exists(path):
         return {}
@@ -208,11 +209,20 @@ def _shared_config(environ: Mapping[str, str]) -> Optional[Dict[str, str]]:
         return None
     profile: Dict[str, str] = {}
     for section in parser.sections():
-        if section.strip() == "default" or section.split() == ["profile", "default"]:
-            profile.update(parser.items(section))
+        words = _section_words(section) if section.startswith("profile") else []
+        if section == "default" or (len(words) == 2 and words[1] == "default"):
+            profile = dict(parser.items(section))
     if any(k not in CONFIG_FILE_KEYS and not k.startswith("cli_") for k in profile):
         return None
     return profile
+
+
+def _section_words(section: str) -> List[str]:
+    """A `profile ...` section's name split as botocore splits it (`profile "default"` too)."""
+    try:
+        return shlex.split(section)
+    except ValueError:
+        return []
 
 
 def _timeout(config: Mapping[str, Any], name: str, default: float) -> Optional[float]:
@@ -373,9 +383,10 @@ class DirectS3:
               cancel: Optional[threading.Event] = None) -> Tuple[int, Dict[str, str], bytes]:
         """Send one request, again where botocore or s3fs would (see `RetryBudget`), after
         their pause; once more, at once and uncounted, where the server names the bucket's
-        region (a redirect, or a "wrong region" answer: on any endpoint, as botocore) or
-        where a reused keep-alive connection turns out closed before any answer (as
-        urllib3 and aiohttp do). (status, lowercased headers, body; empty when read `into`)."""
+        region (a redirect, or a "wrong region" answer: on any endpoint, as botocore) and,
+        once per attempt, where the connection closes as the request goes, before any
+        answer (as aiohttp under s3fs). (status, lowercased headers, body; empty when read
+        `into`)."""
         url = f"s3://{bucket}/{key}"
         made, redirected, resent, last = 0, False, False, None
         while True:
@@ -384,10 +395,10 @@ class DirectS3:
             host, path, region = self._address(bucket, key)
             target = quote(path, safe="/~") + ("?" + _canonical_query(query) if query else "")
             signed = self._signed(method, host, path, query or {}, dict(headers or {}), region)
-            connection, reused, response = None, False, None
+            connection = response = None
             made += 1
             try:
-                connection, reused = self._connection(host)
+                connection = self._connection(host)
                 connection.request(method, target, headers=signed)
                 response = connection.getresponse()
                 answer = {k.lower(): v for k, v in response.getheaders()}
@@ -399,10 +410,10 @@ class DirectS3:
             except (OSError, http.client.HTTPException) as err:
                 if connection is not None:
                     connection.close()
-                if reused and response is None and not resent and isinstance(err, CLOSED_UNDER_US):
-                    resent, made = True, made - 1  # the server closed it as we sent: not an attempt
+                if response is None and not resent and isinstance(err, CLOSED_UNDER_US):
+                    resent, made = True, made - 1  # closed as the request went, no answer begun: not an attempt
                     continue
-                last, limit = err, self.budget.most
+                resent, last, limit = False, err, self.budget.most
             except BaseException:
                 if connection is not None:
                     connection.close()
@@ -412,7 +423,7 @@ class DirectS3:
                 if response.status < 300:
                     return response.status, answer, body
                 error = _error(url, response.status, body, answer)
-                moved = self._named_region(error)
+                moved = self._named_region(method, error)
                 if moved and moved != region and not redirected:
                     self._bucket_regions[bucket] = moved  # the server said where the bucket is: ask there
                     redirected, made = True, made - 1
@@ -420,7 +431,10 @@ class DirectS3:
                 if not _retryable(error):
                     raise error
                 slow_down = error.code == SLOW_DOWN_CODE or SLOW_DOWN_MESSAGE in error.message
-                last, limit = error, self.budget.most if slow_down else self.budget.attempts
+                # an error answer ends s3fs's current try (its last error decides whether it tries again)
+                resent, last = False, error
+                limit = self.budget.most if slow_down else min(self.budget.most, -(-made // self.budget.attempts)
+                                                                * self.budget.attempts)
             if made >= limit:
                 raise ConnectionError(f"{url}: {method} failed {made} time(s), last: {type(last).__name__}: "
                                       f"{last}") from last
@@ -431,10 +445,14 @@ class DirectS3:
             else:
                 time.sleep(pause)
 
-    def _named_region(self, error: S3ResponseError) -> str:
-        """The region a redirect or a "wrong region" answer names for the bucket ("" if none,
-        or none this client may address: on AWS, one of its own partitions' regions)."""
-        if error.status not in (301, 302, 307, 400) or not error.region:
+    def _named_region(self, method: str, error: S3ResponseError) -> str:
+        """The region a redirect or a "wrong region" answer names for the bucket, where
+        botocore follows it ("" if none, or none this client may address: on AWS, one of
+        its own partitions' regions)."""
+        follows = (error.status in (301, 302, 307) or (method == "HEAD" and error.status == 400)
+                   or error.code in ("PermanentRedirect", "AuthorizationHeaderMalformed",
+                                     "IllegalLocationConstraintException"))
+        if not follows or not error.region:
             return ""
         valid = AWS_REGION_NAME if self.aws else _REGION_LABEL
         return error.region if valid.fullmatch(error.region) else ""
@@ -449,10 +467,10 @@ class DirectS3:
         filled = 0
         while filled < len(view):
             n = response.readinto(view[filled:])
-            if not n and length is None:  # a chunked answer that ended cleanly: whole, but short
+            if not n and response.chunked:  # it ended cleanly (a cut raises IncompleteRead): whole, but short
                 raise InputError(f"{url}: short read at bytes {start}-{start + len(view)} ({filled} of "
                                  f"{len(view)})")
-            if not n:  # cut: http.client reads no more than Content-Length, and 0 when the peer closes
+            if not n:  # cut: the peer closed before Content-Length (or a close-delimited body) was done
                 raise ShortBody(f"{url}: the answer ended after {filled} of {len(view)} bytes")
             filled += n
         if length is None and response.read(1):  # a chunked answer: it must end here too
@@ -473,10 +491,10 @@ class DirectS3:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _connection(self, host: str) -> Tuple[http.client.HTTPConnection, bool]:
-        """(a live idle keep-alive connection to `host`, True), else (a new one, False). An
-        idle connection the server has closed (its socket reads EOF), or that sat idle past
-        IDLE_SECONDS (servers and balancers drop those), is thrown away, not tried."""
+    def _connection(self, host: str) -> http.client.HTTPConnection:
+        """A live idle keep-alive connection to `host`, else a new one. An idle connection
+        the server has closed (its socket reads EOF), or that sat idle past IDLE_SECONDS
+        (servers and balancers drop those), is thrown away, not tried."""
         name = host if self.aws else self.host
         now = time.monotonic()
         while True:
@@ -487,7 +505,7 @@ class DirectS3:
                 break
             sock = connection.sock
             if sock is not None and now - since < IDLE_SECONDS and not _readable(sock):
-                return connection, True
+                return connection
             connection.close()
         if self.secure:
             connection = http.client.HTTPSConnection(name, self.port, timeout=self.connect_timeout,
@@ -500,7 +518,7 @@ class DirectS3:
         except BaseException:
             connection.close()  # a failed TLS handshake leaves its TCP socket open otherwise
             raise
-        return connection, False
+        return connection
 
     def _release(self, host: str, connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep the connection for the next request unless the server is closing it."""
