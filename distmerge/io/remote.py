@@ -12,6 +12,7 @@ tensors of a safetensors file) are fetched as one span: fewer, larger GETs cost 
 on both ends and fewer round trips. Reads land in one preallocated buffer per span: S3
 response bodies are read straight into it, and it is not zero-filled first.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from distmerge.errors import InputError
-from distmerge.io.s3_direct import backoff, split_bucket
+from distmerge.io.s3_direct import backoff, short_read, split_bucket, unranged_answer
 from distmerge.io.storage import Storage, s3_error_code, split_url
 
 CHUNK_BYTES = 8 * 2**20
@@ -97,8 +98,7 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]
                 length = response.get("ContentLength")
                 if length is not None and length != b - a:  # e.g. a server that ignores Range
                     response["Body"].close()
-                    raise InputError(f"{url}: asked for bytes {a}-{b}, the server answered with {length} "
-                                     "bytes (the storage must support ranged reads)")
+                    raise unranged_answer(url, a, b, f"{length} bytes")
                 try:  # a body cut off mid-transfer is retried here, with backoff
                     got = await _read_body_into(response["Body"], view[a - offset:b - offset])
                 except Exception as err:  # noqa: BLE001
@@ -110,7 +110,7 @@ async def _s3_read(fs, requests: Sequence[Tuple[str, int, int, str, memoryview]]
                 await asyncio.sleep(backoff(attempt))
                 continue
             if got != b - a:
-                raise InputError(f"{url}: short read at bytes {a}-{b} ({got} of {b - a})")
+                raise short_read(url, a, b, got)
             return
 
     jobs = []
@@ -189,8 +189,9 @@ def _read_spans(storage: Storage, requests: Sequence[Request]) -> List[memoryvie
     buffers = [_buffer(end - start) for _, start, end, _ in requests]
     s3_requests = [(u, a, b, v, buf) for (u, a, b, v), buf in zip(requests, buffers)
                    if b > a and split_url(u)[0] == "s3"]
-    direct = [r for r in s3_requests if storage.direct_s3_for(r[0]) is not None]
-    through_s3fs = [r for r in s3_requests if storage.direct_s3_for(r[0]) is None]
+    direct, through_s3fs = [], []
+    for request in s3_requests:
+        (direct if storage.direct_s3_for(request[0]) is not None else through_s3fs).append(request)
     if direct:
         _direct_read(storage.direct_s3(), direct)
     if through_s3fs:
@@ -216,7 +217,7 @@ def _read_generic(storage: Storage, url: str, start: int, end: int, version: str
     buffer = _buffer(end - start)
     for (a, b), data in zip(ranges, parts):
         if len(data) != b - a:
-            raise InputError(f"{url}: short read at bytes {a}-{b} ({len(data)} of {b - a})")
+            raise short_read(url, a, b, len(data))
         buffer[a - start:b - start] = data
     if version and file_version(fs.info(url)) != version:
         raise changed_error(url)

@@ -461,21 +461,19 @@ class DirectS3:
     def _read_body_into(url: str, response: http.client.HTTPResponse, answer: Dict[str, str], view: memoryview,
                         start: int) -> None:
         length = answer.get("content-length")
+        end = start + len(view)
         if length is not None and int(length) != len(view):  # e.g. a server that ignores Range
-            raise InputError(f"{url}: asked for bytes {start}-{start + len(view)}, the server answered with "
-                             f"{length} bytes (the storage must support ranged reads)")
+            raise unranged_answer(url, start, end, f"{length} bytes")
         filled = 0
         while filled < len(view):
             n = response.readinto(view[filled:])
             if not n and response.chunked:  # it ended cleanly (a cut raises IncompleteRead): whole, but short
-                raise InputError(f"{url}: short read at bytes {start}-{start + len(view)} ({filled} of "
-                                 f"{len(view)})")
+                raise short_read(url, start, end, filled)
             if not n:  # cut: the peer closed before Content-Length (or a close-delimited body) was done
                 raise ShortBody(f"{url}: the answer ended after {filled} of {len(view)} bytes")
             filled += n
         if length is None and response.read(1):  # a chunked answer: it must end here too
-            raise InputError(f"{url}: asked for bytes {start}-{start + len(view)}, the server answered with "
-                             "more (the storage must support ranged reads)")
+            raise unranged_answer(url, start, end, "more")
 
     def _address(self, bucket: str, key: str) -> Tuple[str, str, str]:
         """(Host header, path, signing region): on AWS virtual-hosted where the bucket's
@@ -495,7 +493,7 @@ class DirectS3:
         """A live idle keep-alive connection to `host`, else a new one. An idle connection
         the server has closed (its socket reads EOF), or that sat idle past IDLE_SECONDS
         (servers and balancers drop those), is thrown away, not tried."""
-        name = host if self.aws else self.host
+        name = self._pool_host(host)
         now = time.monotonic()
         while True:
             with self._lock:
@@ -525,13 +523,18 @@ class DirectS3:
         if response.will_close or not response.isclosed() or connection.sock is None:
             connection.close()
             return
-        name = host if self.aws else self.host
+        name = self._pool_host(host)
         now = time.monotonic()
         with self._lock:
             idle = self._idle.setdefault((name, self.port), [])
             idle.append((connection, now))
             while idle and (now - idle[0][1] >= IDLE_SECONDS or len(idle) > self.idle_connections):
                 idle.pop(0)[0].close()  # the oldest first: below the top, nothing else would look at them
+
+    def _pool_host(self, host: str) -> str:
+        """The host a connection for `host` is opened to: on AWS the virtual host itself
+        (TLS names it), elsewhere the endpoint's."""
+        return host if self.aws else self.host
 
     def _tls_context(self) -> ssl.SSLContext:
         """One per client: AWS_CA_BUNDLE's CAs, else certifi's (botocore's), else the system's."""
@@ -623,6 +626,16 @@ def _error(url: str, status: int, body: bytes, headers: Mapping[str, str]) -> S3
     if status in (301, 307) and region:
         message = (message + " " if message else "") + f"(the bucket is in {region}: set client_kwargs.region_name)"
     return S3ResponseError(url, status, code, message, region)
+
+
+def unranged_answer(url: str, start: int, end: int, answered: str) -> InputError:
+    """A ranged read answered with other than the bytes asked for (a server ignoring Range)."""
+    return InputError(f"{url}: asked for bytes {start}-{end}, the server answered with {answered} "
+                      "(the storage must support ranged reads)")
+
+
+def short_read(url: str, start: int, end: int, got: int) -> InputError:
+    return InputError(f"{url}: short read at bytes {start}-{end} ({got} of {end - start})")
 
 
 def backoff(attempt: int) -> float:
